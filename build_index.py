@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from chatbot.data import DataError, data_checksum, load_examples
-from chatbot.embeddings import EMBEDDER_NAME, load_embedder
-from chatbot.retriever import INDEX_TYPES, IndexLoadError, build_index
+from chatbot.data import DataError
+from chatbot.embeddings import load_embedder
+from chatbot.retriever import INDEX_TYPES, IndexLoadError, build_from_data
 from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
 
 logger = logging.getLogger("build_index")
@@ -46,10 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     try:
-        examples = load_examples(args.data_dir, args.split, limit=args.limit or None, seed=args.seed)
-        checksum = data_checksum(args.data_dir, [args.split])
-        manifest = build_index(examples, load_embedder(), index_dir, checksum, args.index_type, EMBEDDER_NAME,
-                               args.batch_size)
+        manifest = build_from_data(args.data_dir, index_dir, load_embedder(), args.split, args.index_type,
+                                   args.limit or None, args.seed, args.batch_size)
     except (DataError, IndexLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

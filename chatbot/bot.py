@@ -5,19 +5,20 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from contextlib import nullcontext
 import unicodedata
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
+from sentence_transformers import SentenceTransformer
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chatbot.data import SPEAKER, Turn
 from chatbot.embeddings import load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
-from chatbot.generation import PRESETS, DEFAULT_PRESET, GenerationSettings
+from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
 from chatbot.models import ChatModel, ModelLoadError, default_adapter, load_chat_model
 from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, Prompt, build_prompt, clean_reply, history_from_messages
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever
@@ -100,10 +101,13 @@ class EmpatheticChatbot:
         k: int = DEFAULT_K,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         notes: Sequence[str] = (),
+        embedder: SentenceTransformer | None = None,
     ):
         """Wire already loaded parts together; `from_pretrained` loads them by name."""
         self.chat = chat
         self.retriever = retriever
+        # The one embedder, shared by retrieval, emotion and the crisis screen (None in model-only tests).
+        self.embedder = embedder or (retriever.embedder if retriever else None)
         self.emotion = emotion
         self.crisis = crisis
         self.k = k
@@ -144,7 +148,41 @@ class EmpatheticChatbot:
         except IndexLoadError as err:
             notes.append(f"Retrieval is off: {err}")
             logger.warning(notes[-1])
-        return cls(chat, retriever, load_emotion_detector(embedder), CrisisScreen(embedder), k=k, notes=notes)
+        return cls(chat, retriever, load_emotion_detector(embedder), CrisisScreen(embedder), k=k, notes=notes,
+                   embedder=embedder)
+
+    def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
+        """Load (or reload) the index, e.g. after it was built while the app was running."""
+        self.retriever = Retriever(Path(index_dir), self.embedder)
+        self.notes = [n for n in self.notes if not n.startswith("Retrieval is off")]
+
+    def describe(self) -> dict:
+        """What is loaded: base model, adapter, index and emotion classifier, for About pages and logs."""
+        return {
+            "base_model": self.chat.base_model,
+            "adapter": str(self.chat.adapter_path) if self.chat.adapter_path else None,
+            "adapter_metrics": self.chat.adapter_meta.get("metrics", {}),
+            "index": dict(self.retriever.manifest, path=str(self.retriever.index_dir)) if self.retriever else None,
+            "emotion_classifier": {k: v for k, v in self.emotion.manifest.items() if k != "labels"}
+            if self.emotion else None,
+            "k": self.k,
+            "notes": list(self.notes),
+        }
+
+    def compare_stream(
+        self,
+        message: str,
+        left: str,
+        right: str,
+        history: Sequence[Turn | dict] = (),
+        settings: GenerationSettings | None = None,
+    ) -> Iterator[tuple[Reply, Reply]]:
+        """Two systems' replies to the same message with the same settings and seed, as they grow."""
+        left_reply = None
+        for left_reply in self.stream(message, history, settings=settings, system=left):
+            yield left_reply, Reply(text="", system=right, done=False)
+        for right_reply in self.stream(message, history, settings=settings, system=right):
+            yield left_reply, right_reply
 
     def detect_emotion(self, message: str, history: Sequence[Turn] = ()) -> EmotionPrediction | None:
         """The speaker's likely emotion from what they said so far."""
@@ -174,10 +212,8 @@ class EmpatheticChatbot:
         system: str | None = None,
     ) -> Reply:
         """The complete reply to `message` after `history`."""
-        reply = None
-        for reply in self.stream(message, history, use_retrieval, settings, system):
-            pass
-        return reply
+        *_, final = self.stream(message, history, use_retrieval, settings, system)
+        return final
 
     def stream(
         self,
@@ -212,14 +248,15 @@ class EmpatheticChatbot:
         prompt = self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
         reply.prompt_tokens = prompt.token_count
         reply.done = False
+        partial = ""
         try:
             for partial in self._generate(prompt.text, settings, use_adapter):
-                reply.text = partial
-                yield reply
+                yield replace(reply, text=partial)  # a snapshot: consumers may keep every partial
         except Exception:  # the user gets an apology; the server keeps serving
             logger.exception("Generation failed")
             reply.kind, reply.text = "error", ERROR_REPLY
         else:
+            reply.text = partial
             reason = screen_reply(reply.text)
             if reason:
                 logger.info("Replaced a generated reply: %s", reason)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
@@ -13,9 +12,9 @@ import random
 import tarfile
 import urllib.request
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, PROJECT_ROOT
 

@@ -132,6 +132,25 @@ def read_adapter_meta(adapter_path: Path) -> dict:
         raise ModelLoadError(f"Corrupt adapter metadata {path}: {err}") from err
 
 
+def save_adapter(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, base_model: str,
+    training_args: dict | None = None, metrics: dict | None = None,
+) -> Path:
+    """Save a peft adapter with the metadata its loader checks (base model, prompt format, args, metrics)."""
+    out = Path(out_dir)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    meta = {
+        "base_model": base_model,
+        "prompt_format_version": PROMPT_FORMAT_VERSION,
+        "peft_type": str(getattr(model, "active_peft_config", None) and model.active_peft_config.peft_type.value),
+        "training_args": training_args or {},
+        "metrics": metrics or {},
+    }
+    (out / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    return out
+
+
 def check_adapter(meta: dict, base_model: str, adapter_path: Path) -> None:
     """Refuse an adapter trained on another base model or prompt format."""
     if meta.get("base_model") != base_model:

@@ -7,17 +7,18 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import faiss
 import numpy as np
 from sentence_transformers import SentenceTransformer
 
-from chatbot.data import Example, Turn
-from chatbot.embeddings import EMBEDDER_NAME, embed
+from chatbot.data import Example, Turn, data_checksum, load_examples
+from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision
+from chatbot.runtime import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def _faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
     elif index_type == "ivf":
-        nlist = max(1, int(4 * np.sqrt(len(vectors))))
+        # faiss wants ~39 training points per list; small corpora get fewer lists.
+        nlist = max(1, min(int(4 * np.sqrt(len(vectors))), len(vectors) // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(vectors)
         index.nprobe = min(nlist, 16)
@@ -117,6 +119,7 @@ def build_index(
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,
         "embedder": embedder_name,
+        "embedder_precision": embedder_precision(embedder),
         "dim": int(vectors.shape[1]),
         "count": len(records),
         "index_type": index_type,
@@ -145,6 +148,22 @@ def build_index(
     shutil.rmtree(old, ignore_errors=True)
     logger.info("Indexed %d dialogues in %.1fs (%s) -> %s", len(records), seconds, index_type, out_dir)
     return manifest
+
+
+def build_from_data(
+    data_dir: str | os.PathLike | None,
+    index_dir: Path,
+    embedder: SentenceTransformer,
+    split: str = "train",
+    index_type: str = "flat",
+    limit: int | None = None,
+    seed: int = DEFAULT_SEED,
+    batch_size: int = 128,
+) -> dict:
+    """Load a split's listener replies (downloading the data if needed) and build the index from them."""
+    examples = load_examples(data_dir, split, limit=limit, seed=seed)
+    checksum = data_checksum(data_dir, [split])
+    return build_index(examples, embedder, index_dir, checksum, index_type, EMBEDDER_NAME, batch_size)
 
 
 def read_manifest(index_dir: Path) -> dict:

@@ -1,0 +1,125 @@
+"""The facade on a tiny random GPT-2: streaming partials, special replies, adapters, systems, failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PromptTuningConfig, get_peft_model
+
+from chatbot.bot import EMPTY_MESSAGE_REPLY, ERROR_REPLY, MAX_MESSAGE_CHARS, EmpatheticChatbot, parse_system
+from chatbot.generation import PRESETS, GenerationSettings, preset
+from chatbot.models import ModelLoadError, attach_adapter, save_adapter
+from chatbot.safety import CRISIS_REPLY, CrisisScreen
+
+GREEDY = PRESETS["greedy"].updated(max_new_tokens=8)
+
+
+def test_stream_yields_growing_text_ending_with_the_full_reply(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    partials = list(bot.stream("I lost my keys today.", settings=GREEDY, use_retrieval=False))
+    texts = [p.text for p in partials]
+    assert len(texts) >= 2
+    assert all(b.startswith(a) or not a for a, b in zip(texts[:-1], texts[1:]))
+    assert [p.done for p in partials][-1] is True and not any(p.done for p in partials[:-1])
+    assert bot.respond("I lost my keys today.", settings=GREEDY, use_retrieval=False).text == texts[-1]
+
+
+def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    assert bot.respond("hi", settings=GREEDY).text == bot.respond("hi", settings=GREEDY).text
+    sampled = PRESETS["chat"].updated(max_new_tokens=8, seed=7)
+    assert bot.respond("hi", settings=sampled).text == bot.respond("hi", settings=sampled).text
+
+
+def test_empty_message_makes_no_model_call(tiny_chat, monkeypatch):
+    bot = EmpatheticChatbot(tiny_chat)
+    monkeypatch.setattr(bot, "_generate", lambda *a, **k: pytest.fail("model called"))
+    for message in ["", "   \n\t ", "\x00\x07"]:
+        reply = bot.respond(message)
+        assert reply.kind == "empty" and reply.text == EMPTY_MESSAGE_REPLY
+
+
+def test_crisis_reply_never_reaches_the_model(tiny_chat, monkeypatch):
+    bot = EmpatheticChatbot(tiny_chat, crisis=CrisisScreen(None))
+    monkeypatch.setattr(bot, "_generate", lambda *a, **k: pytest.fail("model called"))
+    reply = bot.respond("I want to kill myself")
+    assert reply.crisis and reply.text == CRISIS_REPLY and reply.to_dict()["crisis"] is True
+
+
+def test_long_message_is_truncated_and_says_so(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    reply = bot.respond("word " * 20_000, settings=GREEDY)
+    assert reply.truncated_input and any(str(MAX_MESSAGE_CHARS) in n for n in reply.notes)
+    assert reply.prompt_tokens < 1000
+
+
+def test_generation_error_gives_an_apology(tiny_chat, monkeypatch):
+    bot = EmpatheticChatbot(tiny_chat)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(tiny_chat.model, "generate", broken)
+    reply = bot.respond("hello there", settings=GREEDY)
+    assert reply.kind == "error" and reply.text == ERROR_REPLY
+    monkeypatch.undo()
+    assert bot.respond("hello again", settings=GREEDY).kind in {"model", "fallback"}
+
+
+def test_history_as_ui_messages(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    history = [{"role": "user", "content": "My cat is sick."}, {"role": "assistant", "content": "Oh no."}]
+    reply = bot.respond("She is at the vet now.", history=history, settings=GREEDY)
+    assert reply.prompt_tokens > bot.respond("She is at the vet now.", settings=GREEDY).prompt_tokens
+
+
+def test_settings_presets_and_validation():
+    report = preset("report")
+    assert (report.num_beams, report.no_repeat_ngram_size, report.max_new_tokens) == (3, 2, 100)
+    assert report.generate_kwargs()["early_stopping"] is True
+    assert GenerationSettings().generate_kwargs()["do_sample"] is True
+    with pytest.raises(ValueError, match="Unknown generation setting"):
+        GenerationSettings().updated(temprature=1.0)
+    with pytest.raises(ValueError, match="Unknown preset"):
+        preset("fast")
+    assert parse_system("tuned+rag") == (True, True)
+    with pytest.raises(ValueError, match="Unknown system"):
+        parse_system("gpt5")
+
+
+def test_beam_search_report_preset_runs(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    reply = bot.respond("My dog died today.", settings=preset("report").updated(max_new_tokens=6))
+    assert reply.done and reply.kind in {"model", "fallback"}
+
+
+@pytest.mark.parametrize("kind", ["lora", "prompt"])
+def test_adapter_round_trip_and_base_switch(tiny_chat, gpt2_tokenizer, tmp_path, kind):
+    from chatbot.models import wrap_model
+    from tests.conftest import make_tiny_gpt2
+
+    config = (
+        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+        if kind == "lora"
+        else PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    )
+    peft_model = get_peft_model(make_tiny_gpt2(gpt2_tokenizer), config)
+    with torch.no_grad():  # make the adapter matter, so loading it visibly changes the output
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "tiny-gpt2", {"method": kind}, {"x": 1})
+
+    tuned = attach_adapter(tiny_chat, tmp_path / "adapter")
+    assert tuned.has_adapter and tuned.adapter_meta["training_args"] == {"method": kind}
+    bot = EmpatheticChatbot(tuned)
+    base_bot = EmpatheticChatbot(wrap_model(make_tiny_gpt2(gpt2_tokenizer), gpt2_tokenizer, "tiny-gpt2", "cpu"))
+    settings = GREEDY.updated(max_new_tokens=6)
+    base_text = base_bot.respond("hello", settings=settings).text
+    assert bot.respond("hello", settings=settings, system="base").text == base_text
+    assert bot.respond("hello", settings=settings, system="tuned").text != base_text
+
+    with pytest.raises(ModelLoadError, match="trained on base model"):
+        attach_adapter(wrap_model(make_tiny_gpt2(gpt2_tokenizer), gpt2_tokenizer, "gpt2", "cpu"), tmp_path / "adapter")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        attach_adapter(tiny_chat, tmp_path / "missing")

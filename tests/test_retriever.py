@@ -1,0 +1,77 @@
+"""Retrieval: exact-search agreement, exclusion of conversations, manifest checks, atomic rebuilds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from chatbot.data import SPEAKER, Turn, load_examples
+from chatbot.embeddings import embed
+from chatbot.retriever import IndexLoadError, Retriever, build_index, query_text
+
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, synthetic_data, embedder):
+    out = tmp_path_factory.mktemp("index") / "index"
+    build_index(load_examples(synthetic_data, "train"), embedder, out, data_checksum="abc")
+    return out
+
+
+def test_flat_search_equals_brute_force(small_index, synthetic_data, embedder):
+    retriever = Retriever(small_index, embedder)
+    examples = load_examples(synthetic_data, "train")
+    keys = embed(embedder, [query_text(e.history) for e in examples])
+    for text in ["my pet fish died", "a scary sound upstairs", "my kid won a contest"]:
+        query = embed(embedder, [text])[0]
+        exact = np.argsort(-(keys @ query))[:3]
+        hits = retriever.search([Turn(SPEAKER, text)], k=3)
+        assert [h.response for h in hits] == [examples[i].reply for i in exact]
+        assert np.allclose([h.score for h in hits], (keys @ query)[exact], atol=1e-5)
+        assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_exclusion_never_returns_the_conversation(small_index, embedder):
+    retriever = Retriever(small_index, embedder)
+    top = retriever.search([Turn(SPEAKER, "my goldfish died")], k=1)[0]
+    hits = retriever.search([Turn(SPEAKER, "my goldfish died")], k=5, exclude_conv_ids=[top.conv_id])
+    assert hits and all(h.conv_id != top.conv_id for h in hits)
+
+
+def test_manifest_records_how_it_was_built(small_index):
+    manifest = json.loads((small_index / "manifest.json").read_text())
+    assert manifest["embedder"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert manifest["dim"] == 384 and manifest["count"] == 8 and manifest["data_checksum"] == "abc"
+
+
+def test_loader_refuses_other_embedder_and_corrupt_files(small_index, tmp_path, embedder):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(small_index, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "embedder": "some/other-model"}))
+    with pytest.raises(IndexLoadError, match="embedder"):
+        Retriever(other, embedder)
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    (other / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(IndexLoadError, match="Corrupt"):
+        Retriever(other, embedder)
+    with pytest.raises(IndexLoadError, match="build_index.py"):
+        Retriever(tmp_path / "missing", embedder)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_indexes_report_recall(tmp_path, synthetic_data, embedder, index_type):
+    manifest = build_index(load_examples(synthetic_data, "train"), embedder, tmp_path / "idx", "abc", index_type)
+    assert manifest["recall_at_10_vs_flat"] >= 0.9
+    assert len(Retriever(tmp_path / "idx", embedder).search([Turn(SPEAKER, "puppy")], k=2)) == 2
+
+
+def test_rebuild_replaces_index_whole(tmp_path, synthetic_data, embedder):
+    examples = load_examples(synthetic_data, "train")
+    build_index(examples, embedder, tmp_path / "idx", "first")
+    build_index(examples[:3], embedder, tmp_path / "idx", "second")
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["count"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
