@@ -27,7 +27,7 @@ def bench_retrieval(bot, data_dir: str | None, queries: int) -> dict:
     """Embed + search (k=5) latency over held-out test messages, after a warm-up."""
     messages = [ex.history[-1].text for ex in load_examples(data_dir, "test", limit=queries + 5)]
     for message in messages[:5]:
-        bot.retrieve(message)
+        bot.retriever.search([Turn(SPEAKER, message)], k=5)
     timings = []
     for message in messages[5:]:
         started = time.perf_counter()

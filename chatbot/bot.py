@@ -16,12 +16,12 @@ from sentence_transformers import SentenceTransformer
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chatbot.data import SPEAKER, Turn
-from chatbot.embeddings import load_embedder
+from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
 from chatbot.models import ChatModel, ModelLoadError, default_adapter, load_chat_model
 from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, Prompt, build_prompt, clean_reply, history_from_messages
-from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever
+from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir
 from chatbot.safety import CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
 
@@ -107,7 +107,7 @@ class EmpatheticChatbot:
         self.chat = chat
         self.retriever = retriever
         # The one embedder, shared by retrieval, emotion and the crisis screen (None in model-only tests).
-        self.embedder = embedder or (retriever.embedder if retriever else None)
+        self.embedder = embedder or (retriever.embedder if retriever else None) or (emotion.embedder if emotion else None)
         self.emotion = emotion
         self.crisis = crisis
         self.k = k
@@ -184,18 +184,16 @@ class EmpatheticChatbot:
         for right_reply in self.stream(message, history, settings=settings, system=right):
             yield left_reply, right_reply
 
-    def detect_emotion(self, message: str, history: Sequence[Turn] = ()) -> EmotionPrediction | None:
-        """The speaker's likely emotion from what they said so far."""
-        if self.emotion is None:
-            return None
-        said = [t.text for t in history if t.role == SPEAKER] + [message]
-        return self.emotion.predict(" ".join(said[-3:]))
-
-    def retrieve(self, message: str, history: Sequence[Turn] = ()) -> list[RetrievedDialogue]:
-        """The k most similar past dialogues (empty without an index)."""
-        if self.retriever is None:
-            return []
-        return self.retriever.search([*history, Turn(SPEAKER, message)], self.k)
+    def analyse(
+        self, message: str, history: Sequence[Turn] = (), use_retrieval: bool = True
+    ) -> tuple[EmotionPrediction | None, list[RetrievedDialogue]]:
+        """Emotion and (optionally) the k most similar past dialogues, from one embedding of the last turns."""
+        if self.embedder is None or (self.emotion is None and (self.retriever is None or not use_retrieval)):
+            return None, []
+        vector = embed(self.embedder, [query_text([*history, Turn(SPEAKER, message)])])
+        emotion = self.emotion.predict_vectors(vector)[0] if self.emotion else None
+        retrieved = self.retriever.search_vectors(vector, self.k)[0] if self.retriever and use_retrieval else []
+        return emotion, retrieved
 
     def prompt_for(
         self, message: str, history: Sequence[Turn], retrieved: Sequence[RetrievedDialogue], emotion: str | None
@@ -242,9 +240,7 @@ class EmpatheticChatbot:
             reply.kind, reply.text = "crisis", CRISIS_REPLY
             yield reply
             return
-        reply.emotion = self.detect_emotion(text, turns)
-        if use_retrieval:
-            reply.retrieved = self.retrieve(text, turns)
+        reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
         prompt = self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
         reply.prompt_tokens = prompt.token_count
         reply.done = False

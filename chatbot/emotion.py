@@ -54,11 +54,15 @@ class EmotionDetector:
         exp = np.exp(logits)
         return exp / exp.sum(axis=1, keepdims=True)
 
-    def predict_many(self, texts: Sequence[str]) -> list[EmotionPrediction]:
-        """The top emotion for each text."""
-        probs = self.probabilities(embed(self.embedder, list(texts)))
+    def predict_vectors(self, vectors: np.ndarray) -> list[EmotionPrediction]:
+        """The top emotion for each already embedded text (retrieval and emotion share one embedding)."""
+        probs = self.probabilities(vectors)
         best = probs.argmax(axis=1)
         return [EmotionPrediction(self.labels[i], round(float(p[i]), 4)) for i, p in zip(best, probs)]
+
+    def predict_many(self, texts: Sequence[str]) -> list[EmotionPrediction]:
+        """The top emotion for each text."""
+        return self.predict_vectors(embed(self.embedder, list(texts)))
 
     def predict(self, text: str) -> EmotionPrediction:
         """The top emotion for one text."""

@@ -158,3 +158,31 @@ def history_from_messages(messages: Sequence[dict]) -> list[Turn]:
             continue
         turns.append(Turn(roles[role], content))
     return turns
+
+
+@dataclass(frozen=True)
+class EncodedExample:
+    """Token ids of prompt + reply, with labels only on the reply and its end-of-turn token."""
+
+    input_ids: list[int]
+    labels: list[int]
+    prompt: Prompt
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    history: Sequence[Turn],
+    reply: str,
+    references: Sequence[Reference] = (),
+    emotion: str | None = None,
+    max_length: int = DEFAULT_MAX_PROMPT_TOKENS,
+) -> EncodedExample:
+    """Encode history -> reply for training and scoring; the prompt is exactly the one inference builds."""
+    # Leave room for the reply (up to half the budget); the prompt gives way first, as at inference.
+    reply_room = min(count_tokens(tokenizer, reply) + 4, max_length // 2)
+    prompt = build_prompt(tokenizer, history[-1].text, history[:-1], references, emotion, max_length - reply_room)
+    prompt_ids = tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(reply_target(tokenizer, prompt, reply), add_special_tokens=False)["input_ids"]
+    input_ids = (prompt_ids + target_ids)[:max_length]
+    labels = ([-100] * len(prompt_ids) + target_ids)[:max_length]
+    return EncodedExample(input_ids, labels, prompt)

@@ -207,10 +207,24 @@ class Retriever:
             )
         self.manifest = manifest
         self.embedder = embedder
+        self._positions = {(r["conv_id"], r["context"], r["response"]): i for i, r in enumerate(self.records)}
         self.index_dir = index_dir
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def stored_vectors(self, examples: Sequence[Example]) -> list[np.ndarray | None]:
+        """The index's own vector for each example it contains (matched by conversation, context and reply)."""
+        found = []
+        for ex in examples:
+            position = self._positions.get((ex.conv_id, query_text(ex.history), ex.reply))
+            found.append(self.index.reconstruct(position) if position is not None and self._reconstructable else None)
+        return found
+
+    @property
+    def _reconstructable(self) -> bool:
+        # IVF indexes need a direct map to give vectors back; flat and HNSW store them as they are.
+        return self.manifest.get("index_type", "flat") in ("flat", "hnsw")
 
     def search_vectors(
         self, vectors: np.ndarray, k: int = 5, exclude_conv_ids: Sequence[Iterable[str]] | None = None

@@ -356,8 +356,8 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     # Indirect statements.
     _pat(
         "does not want to live",
-        r"\b(?:don't|do not|never|no longer)\s+(?:really\s+)?(?:want|wish)\s+to\s+(?:live|be alive|exist|"
-        r"keep living)\b"
+        r"\b(?:don't|do not|never|no longer)\s+(?:really\s+)?(?:want|wish)\s+to\s+"
+        r"(?:live|be alive|exist|keep living)\b"
         r"(?!\s+(?:here|there|in|with|at|near|alone|together|like that|on))",
         negatable=False,
     ),
@@ -390,10 +390,9 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     ),
     _pat(
         "better off without me",
-        r"\b(?:better|happier|easier)\s+(?:off\s+|place\s+)?(?:without me|with me gone|if i (?:was|were|"
-        r"wasn't|"
-        r"weren't|was not|were not|died|disappeared|never existed|didn't exist|wasn't around|weren't around|"
-        r"was gone|were gone|'m gone|am gone))\b(?!\s+\w+ing)",
+        r"\b(?:better|happier|easier)\s+(?:off\s+|place\s+)?(?:without me|with me gone|"
+        r"if i (?:was|were|wasn't|weren't|was not|were not|died|disappeared|never existed|didn't exist|"
+        r"wasn't around|weren't around|was gone|were gone|'m gone|am gone))\b(?!\s+\w+ing)",
         negatable=False,
     ),
     _pat(
@@ -412,8 +411,8 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     _pat("disappear forever", r"\bdisappear(?:ing)?\s+(?:forever|for good|permanently)\b"),
     _pat(
         "not around much longer",
-        r"\b(?:won't|will not|not going to)\s+be\s+(?:around|here|alive|a (?:problem|burden)|in (?:anyone's|"
-        r"the) way)"
+        r"\b(?:won't|will not|not going to)\s+be\s+"
+        r"(?:around|here|alive|a (?:problem|burden)|in (?:anyone's|the) way)"
         r"(?:\s+\S+){0,4}?\s+(?:much longer|for (?:much )?longer|for long)\b",
         negatable=False,
     ),
@@ -455,26 +454,25 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     _pat("end it for good", r"\bend(?:ing)?\s+(?:it|things|everything)\s+(?:for good|forever|permanently)\b"),
     _pat(
         "make it stop forever",
-        r"\b(?:it|it all|everything|the pain|this|all of it)\s+(?:to\s+)?(?:stop|be over|end)\s+(?:forever|"
-        r"for good|permanently)\b",
+        r"\b(?:it|it all|everything|the pain|this|all of it)\s+(?:to\s+)?(?:stop|be over|end)\s+"
+        r"(?:forever|for good|permanently)\b",
     ),
     # Methods.
     _pat(
         "jump",
-        rf"\b{_INTENT}\s+(?:just\s+)?(?:jump|jumping|throw myself|throwing myself|step|stepping|walk|"
-        rf"walking)\s+"
-        r"(?:off|from|in front of|into|out of)\b(?:\s+\S+){0,3}?\s*(?:bridge|roof|building|cliff|balcony|"
-        r"ledge|"
-        r"overpass|window|train|bus|truck|car|traffic|tower|parking garage|tracks)\b",
+        rf"\b{_INTENT}\s+(?:just\s+)?"
+        r"(?:jump|jumping|throw myself|throwing myself|step|stepping|walk|walking)\s+"
+        r"(?:off|from|in front of|into|out of)\b(?:\s+\S+){0,3}?\s*"
+        r"(?:bridge|roof|building|cliff|balcony|ledge|overpass|window|train|bus|truck|car|traffic|tower|"
+        r"parking garage|tracks)\b",
     ),
     _pat("jump", r"\b(?:going to|about to|ready to|want to)\s+jump\s*$"),
     _pat("hanging", r"\b(?:noose|rope to hang)\b", rf"\b{_I}\b"),
     _pat(
         "self-harm",
-        r"\b(?:cut|cutting|burn|burning|burned|burnt|scratch|scratching|carve|carving|slice|slicing|slash|"
-        r"slashing|"
-        r"stab|stabbing)\s+(?:into\s+)?my\s+(?:arms?|wrists?|legs?|thighs?|skin|stomach|body|hips?|"
-        r"wrists?)\b",
+        r"\b(?:cut|cutting|burn|burning|burned|burnt|scratch|scratching|carve|carving|slice|slicing|"
+        r"slash|slashing|stab|stabbing)\s+(?:into\s+)?my\s+"
+        r"(?:arms?|wrists?|legs?|thighs?|skin|stomach|body|hips?)\b",
         self_harm=True,
     ),
     _pat(
@@ -484,8 +482,8 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     ),
     _pat(
         "wrists",
-        r"\b(?:slit|slice|slash|cut|cutting|slitting|slicing)\s+(?:open\s+)?(?:my\s+|your\s+|"
-        r"the\s+)?wrists?\b",
+        r"\b(?:slit|slice|slash|cut|cutting|slitting|slicing)\s+(?:open\s+)?"
+        r"(?:my\s+|your\s+|the\s+)?wrists?\b",
     ),
     _pat("bleed out", r"\bbleed(?:ing)?\s+out\b"),
     _pat(
@@ -503,22 +501,21 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     ),
     _pat(
         "stockpiled pills",
-        r"\b(?:pills|meds|tablets|painkillers)\s+(?:\S+\s+)?(?:lined up|saved up|stockpiled|counted out|"
-        r"hoarded)\b",
+        r"\b(?:pills|meds|tablets|painkillers)\s+(?:\S+\s+)?"
+        r"(?:lined up|saved up|stockpiled|counted out|hoarded)\b",
     ),
     _pat(
         "stockpiled pills",
-        r"\b(?:collect|collecting|collected|save|saving|saved|stockpile|stockpiling|hoard|hoarding|stash|"
-        r"stashing)\b"
-        r"(?:\s+up)?(?:\s+\S+){0,2}?\s+(?:pills|meds|tablets|medications?|painkillers|sleeping pills)\b",
+        r"\b(?:collect|collecting|collected|save|saving|saved|stockpile|stockpiling|hoard|hoarding|"
+        r"stash|stashing)\b(?:\s+up)?(?:\s+\S+){0,2}?\s+"
+        r"(?:pills|meds|tablets|medications?|painkillers|sleeping pills)\b",
     ),
     _pat("stockpiled pills", r"\btake (?:them|it|these|those) all (?:at once|together|in one go)\b"),
     _pat(
         "method research",
         r"\b(?:research|researching|researched|look up|looking up|looked up|google|googling|googled|search|"
-        r"searching|searched|reading about|read about)\b.{0,30}\b(?:ways?|how|methods?)\s+to\s+(?:die|"
-        r"kill myself|"
-        r"end (?:it|my life)|overdose|hang)\b",
+        r"searching|searched|reading about|read about)\b.{0,30}\b(?:ways?|how|methods?)\s+to\s+"
+        r"(?:die|kill myself|end (?:it|my life)|overdose|hang)\b",
     ),
     _pat(
         "method research",
@@ -531,6 +528,12 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
         negatable=False,
     ),
     _pat("lethal dose", r"\b(?:lethal|fatal|deadly)\s+(?:dose|amount|quantity|overdose)\b"),
+    _pat(
+        "large dose",
+        r"\b(?:take|taking|took|swallow|swallowing|swallowed)\s+"
+        r"(?:\d{2,}|twenty|thirty|forty|fifty|a hundred)\s+"
+        rf"(?:of\s+)?(?:my\s+|the\s+|his\s+|her\s+)?{_MEANS}\b",
+    ),
     _pat("method question", r"\bhow (?:many|much)\b", rf"\b{_MEANS}\b", rf"\b{_DEATH}\b"),
     _pat(
         "method question",
@@ -558,9 +561,8 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     ),
     _pat(
         "method question",
-        r"\bif (?:someone|somebody|a person|one|i|you) wanted to (?:overdose|od|die|kill (?:themselves|"
-        r"themself|"
-        r"himself|herself|myself|yourself)|end (?:their|his|her|my|your) life)\b",
+        r"\bif (?:someone|somebody|a person|one|i|you) wanted to (?:overdose|od|die|"
+        r"kill (?:themselves|themself|himself|herself|myself|yourself)|end (?:their|his|her|my|your) life)\b",
     ),
     # Self-harm.
     _pat(
@@ -588,60 +590,63 @@ CRISIS_PATTERNS: tuple[_Pattern, ...] = (
     _pat(
         "self-harm on purpose",
         r"\bon purpose\b|\bdeliberately\b|\bintentionally\b",
-        r"\b(?:crash|drive|driving|swerve|pills|overdose|cut|cutting|burn|burning|hurt|hurting|starv\w*|hit|"
-        r"bleed)\b",
+        r"\b(?:crash|drive|driving|swerve|pills|overdose|cut|cutting|burn|burning|hurt|hurting|starv\w*|"
+        r"hit|bleed)\b",
         self_harm=True,
     ),
 )
 
 # Exclusions that apply to the segment holding a pattern match.
 _NEGATION_BEFORE = re.compile(
-    r"\b(?:never|not|don't|do not|won't|wouldn't|will not|would not|no intention of|no plans? to|"
-    r"no desire to|"
-    r"no longer|stopped|quit)\b(?!\s+(?:joking|kidding|lying))(?:\s+[^\s,]+){0,3}\s*$"
+    r"\b(?:never|not|don't|do not|won't|wouldn't|will not|would not|no longer|stopped|quit|"
+    r"no intention of|no plans? to|no desire to)\b"
+    r"(?!\s+(?:joking|kidding|lying))(?:\s+[^\s,]+){0,3}\s*$"
 )
-_NEGATION_INSIDE = re.compile(r"\b(?:not|never|no longer|n't)\b(?!\s+(?:joking|kidding|lying))|n't\b")
+_NEGATION_INSIDE = re.compile(r"(?:\b(?:not|never|no longer)\b|n't\b)(?!\s+(?:joking|kidding|lying))")
 _QUESTION_NOT_NEGATION = re.compile(r"\bwhy (?:don't|not)\b")
 _HYPERBOLE = re.compile(
-    r"\b(?:killing me|kill(?:ed)? me\b|kill for|die for|to die for|dying to|dying for|dying of|die (?:of|"
-    r"from|laughing)|"
-    r"died (?:laughing|of)|killed it|kill it|murder\w*|dead tired|i'm dead|death of me|could (?:just )?die|"
+    r"\b(?:killing me|kill(?:ed)? me\b|kill for|die for|to die for|dying to|dying for|dying of|"
+    r"die (?:of|from|laughing)|died (?:laughing|of)|killed it|kill it|murder\w*|dead tired|i'm dead|"
+    r"(?:death|end) of me|could (?:just )?die|"
     r"bored to death|scared to death|dying laughing|dying my hair|dyeing|kill this|killing it|"
     r"(?:almost|nearly) (?:killed|died))\b"
 )
 _FICTION_NEWS = re.compile(
-    r"\b(?:in|for|from|about|of|on) (?:my|the|a|this|our|his|her|their) (?:novel|story|book|movie|film|show|"
-    r"series|"
-    r"game|play|screenplay|script|poem|fic|fanfic|comic|anime|manga|song|episode|essay|paper|article)\b|"
-    r"\b(?:character|characters|protagonist|villain|hero|heroine|narrator|article|news|documentary|headline|"
-    r"statistics|suicide rates?|prevention|awareness|research paper|researching suicide|study on|studies)\b"
+    r"\b(?:in|for|from|about|of|on) (?:my|the|a|this|our|his|her|their) "
+    r"(?:novel|story|book|movie|film|show|series|game|play|screenplay|script|poem|fic|fanfic|comic|anime|"
+    r"manga|song|episode|essay|paper|article)\b"
+    r"|\b(?:character|characters|protagonist|villain|hero|heroine|narrator|article|news|documentary|"
+    r"headline|statistics|suicide rates?|prevention|awareness|research paper|researching suicide|study on|"
+    r"studies)\b"
 )
 _ACCIDENT = re.compile(
-    r"\b(?:accident(?:ally)?|by mistake|while \w+ing|on the (?:stove|oven|iron|pan|grill|kettle|stovetop|"
-    r"heater)|"
-    r"shaving|cooking|chopping|baking|ironing|playing \w+|at the gym|at practice|when i (?:fell|tripped|"
-    r"slipped)|"
+    r"\b(?:accident(?:ally)?|by mistake|dropped|slipped|while \w+ing|shaving|cooking|chopping|baking|"
+    r"ironing|playing \w+|at the gym|at practice|when i (?:fell|tripped|slipped)|"
+    r"on the (?:stove|oven|iron|pan|grill|kettle|stovetop|heater)|"
     r"on (?:a|the|some) (?!purpose|arms?|wrists?|legs?|thighs?|skin|body)\w+)\b"
 )
 # Past, resolved events; they apply to the whole message unless a relapse marker is present.
 _PAST_RESOLVED = re.compile(
     r"\b(?:years? ago|months ago|long (?:time )?ago|used to|in the past|back (?:in|when)|(?<!at )once|"
-    r"when i was (?:younger|little|a (?:kid|teen|teenager|child)|in (?:high school|college|school|"
-    r"middle school)|\d+|"
+    r"when i was (?:younger|little|a (?:kid|teen|teenager|child)|"
+    r"in (?:high school|college|school|middle school)|\d+|"
     r"(?:twelve|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty)\w*)|"
     r"in my (?:teens|twenties|thirties|forties|youth|school days)|"
-    r"(?:healthy|happy|well|better|fine|stable|clean|sober)(?: and \w+)? for (?:years|months|a (?:long time|"
-    r"decade|while now))|"
-    r"i've been (?:healthy|happy|stable|doing (?:well|better|great))|life is good|"
     r"as a (?:teen|teenager|kid|child)|in (?:high school|college|middle school)|"
-    r"(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|many) (?:years?|months) (?:since|clean|ago|"
-    r"free)|"
-    r"clean (?:for|from|since)|recovered|recovery|survived|overcame|doing (?:well|better|great|good|okay|"
-    r"ok) now|"
-    r"in a (?:good|better) place|glad i'm (?:still )?(?:here|alive)|grateful to be alive|no longer)\b"
+    r"(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|many) (?:years?|months) "
+    r"(?:since|clean|ago|free)|"
+    r"(?:healthy|happy|well|better|fine|stable|clean|sober)(?: and \w+)? for "
+    r"(?:years|months|a long time|a decade|a while now)|"
+    r"i've been (?:healthy|happy|stable|doing (?:well|better|great))|life is good|"
+    r"clean (?:for|from|since)|recovered|recovery|survived|overcame|"
+    r"doing (?:well|better|great|good|okay|ok) now|in a (?:good|better) place|"
+    r"glad i'm (?:still )?(?:here|alive)|grateful to be alive|no longer)\b"
 )
 _RELAPSE = re.compile(
     r"\b(?:again|relapsed|relapsing|came back|coming back|lately|recently|tonight|right now|today)\b"
+)
+_NEGATED_INTENT = re.compile(
+    r"\b(?:not|never|no longer) (?:suicidal|going to (?:hurt|kill|harm))\b|\bwould never (?:hurt|kill|harm)\b"
 )
 # Short follow-ups that re-assert an earlier statement.
 _FOLLOW_UP = re.compile(
@@ -691,11 +696,7 @@ def _any_exclusion(text: str) -> str | None:
         return "fiction/news"
     if _ACCIDENT.search(text):
         return "accident"
-    if re.search(
-        r"\b(?:i'm not|i am not|not|never|no longer) (?:suicidal|going to (?:hurt|kill|harm))\b", text
-    ):
-        return "negation"
-    if re.search(r"\bwould never (?:hurt|kill|harm)\b", text):
+    if _NEGATED_INTENT.search(text):
         return "negation"
     return None
 
@@ -750,13 +751,13 @@ class CrisisScreen:
         parts = [s for s in segments(text) if len(s.split()) >= MIN_SEGMENT_WORDS]
         candidates = [text] + (parts[-MAX_SEGMENTS:] if len(parts) > 1 else [])
         scores = self.semantic_scores(candidates)
-        top = max((c for c, _, _ in scores), default=0.0)
+        top = min(1.0, max([0.0] + [c for c, _, _ in scores]))
         for candidate, (crisis, safe, idx) in zip(candidates, scores, strict=True):
             threshold = EXCLUDED_SEMANTIC_THRESHOLD if _any_exclusion(candidate) else SEMANTIC_THRESHOLD
             if crisis >= threshold and crisis - safe >= SEMANTIC_MARGIN:
                 return (
                     True,
-                    crisis,
+                    min(1.0, crisis),
                     f"semantic: {crisis:.2f} to '{CRISIS_EXEMPLARS[idx]}' (non-crisis {safe:.2f})",
                 )
         return False, top, "none"
@@ -797,33 +798,60 @@ class CrisisScreen:
 # Output screen
 # ---------------------------------------------------------------------------------------------------------
 
-_URL = re.compile(
-    r"(?:https?://|ftp://|www\.)\S+|\b[\w-]+(?:\.[\w-]+)*\.(?:com|org|net|edu|gov|io|co|uk|us|ca|au|de|fr|"
-    r"info|"
-    r"biz|me|app|ly|tv|xyz|health|help|online|site)\b(?:/\S*)?",
-    re.IGNORECASE,
+_URL = re.compile(r"(?:https?://|ftp://|www\.)\S+", re.IGNORECASE)
+# Bare domains: the top-level domain must be lower case, so "I know.Me too" is not a web address.
+_DOMAIN = re.compile(
+    r"\b[A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*\.(?:com|org|net|edu|gov|io|co|uk|us|ca|au|de|fr|info|biz|"
+    r"me|app|ly|tv|xyz|health|help|online|site)\b"
 )
+# Seven or more digits in a phone-like run (spaces, dots, dashes, brackets, a leading +).
 _PHONE = re.compile(r"(?<![\w.])\+?\(?\d(?:[\s().-]*\d){6,}(?![\w.]*\d)")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_NO_NEGATION_GAP = r"(?:\s+(?!(?:not|never|don't|no)\b)\S+){0,3}?"
+_SELF_HARM_ACT = (
+    r"(?:kill yourself|hurt yourself|harm yourself|cut yourself|burn yourself|starve yourself|hang yourself|"
+    r"end your (?:own )?life|take your (?:own )?life|end it all|commit suicide|overdose|"
+    r"jump off (?:a|the) (?:bridge|roof|building|cliff))"
+)
 _ENCOURAGE = re.compile(
     r"\b(?:you should|you could|you might as well|why don't you|why not|go ahead and|just|you need to|"
-    r"you have to|"
-    r"you deserve to|it's okay to|it's ok to|it is okay to|feel free to|try to|you'd be better off if you)\b"
-    r"(?:\s+\S+){0,3}?\s+(?:kill yourself|hurt yourself|harm yourself|cut yourself|end your life|"
-    r"take your (?:own )?life|"
-    r"end it all|die|commit suicide|overdose|starve yourself|burn yourself|jump off|hang yourself)\b"
-    r"|\b(?:kill yourself|kys)\b|\b(?:better off|world would be better) (?:dead|without you)\b",
+    r"you have to|you deserve to|it's okay to|it's ok to|it is okay to|feel free to|try to|"
+    r"you'd be better off if you|do it and)\b"
+    + _NO_NEGATION_GAP
+    + r"\s+"
+    + _SELF_HARM_ACT
+    + r"\b"
+    + r"|\b(?:you should|go ahead and|why don't you|you deserve to|you might as well|"
+    r"you'd be better off if you)\s+(?:just\s+)?die\b"
+    r"|\b(?:you'd be|you would be|you are|you're|everyone would be|they'd be|the world would be)\s+"
+    r"better off (?:dead|without you)\b",
     re.IGNORECASE,
 )
+_BARE_KILL_YOURSELF = re.compile(r"\b(?:kill yourself|kys)\b", re.IGNORECASE)
+_NEGATED_BEFORE = re.compile(r"\b(?:not|never|don't|do not|no)\b(?:\s+\S+){0,2}\s*$", re.IGNORECASE)
+
+
+def _has_phone_number(text: str) -> bool:
+    """True when the text holds a phone-like run of 7+ digits that is not an ISO date."""
+    return any(not _ISO_DATE.match(m.group(0).strip()) for m in _PHONE.finditer(text))
+
+
+def _encourages_self_harm(text: str) -> bool:
+    """True when the text pushes the user towards self-harm or suicide."""
+    text = text.replace("\u2019", "'")
+    if _ENCOURAGE.search(text):
+        return True
+    return any(not _NEGATED_BEFORE.search(text[: m.start()]) for m in _BARE_KILL_YOURSELF.finditer(text))
 
 
 def screen_reply(text: str) -> str | None:
     """Return why a generated reply must be replaced (empty, URL, phone, self-harm push), else None."""
     if not text or not text.strip():
         return "empty reply"
-    if _URL.search(text):
+    if _URL.search(text) or _DOMAIN.search(text):
         return "contains a URL or web address"
-    if _PHONE.search(text):
+    if _has_phone_number(text):
         return "contains a phone number"
-    if _ENCOURAGE.search(text.replace("\u2019", "'")):
+    if _encourages_self_harm(text):
         return "encourages self-harm"
     return None

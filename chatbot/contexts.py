@@ -1,0 +1,55 @@
+"""Retrieved neighbours and detected emotion for data-set examples, exactly as the chatbot adds them at inference."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+from chatbot.data import Example
+from chatbot.embeddings import embed
+from chatbot.emotion import EmotionDetector
+from chatbot.retriever import RetrievedDialogue, Retriever, query_text
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExampleContext:
+    """What the prompt of one example carries besides the dialogue."""
+
+    references: list[RetrievedDialogue] = field(default_factory=list)
+    emotion: str | None = None
+
+
+def example_vectors(examples: Sequence[Example], embedder: SentenceTransformer, retriever: Retriever | None) -> np.ndarray:
+    """Query embeddings; train examples reuse the vectors stored in the index instead of re-embedding."""
+    texts = [query_text(ex.history) for ex in examples]
+    stored = retriever.stored_vectors(examples) if retriever is not None else [None] * len(examples)
+    missing = [i for i, vec in enumerate(stored) if vec is None]
+    logger.info("Query vectors: %d from the index, %d to embed", len(examples) - len(missing), len(missing))
+    fresh = embed(embedder, [texts[i] for i in missing], batch_size=128, progress=len(missing) > 1000) if missing else []
+    for i, vec in zip(missing, fresh):
+        stored[i] = vec
+    return np.stack(stored).astype(np.float32) if stored else np.zeros((0, 0), np.float32)
+
+
+def example_contexts(
+    examples: Sequence[Example],
+    embedder: SentenceTransformer,
+    retriever: Retriever | None,
+    emotion: EmotionDetector | None,
+    k: int,
+) -> list[ExampleContext]:
+    """Top-k neighbours (never from the example's own conversation) and detected emotion for each example."""
+    if not examples or (retriever is None and emotion is None):
+        return [ExampleContext() for _ in examples]
+    vectors = example_vectors(examples, embedder, retriever)
+    emotions = emotion.predict_vectors(vectors) if emotion else [None] * len(examples)
+    references = (
+        retriever.search_vectors(vectors, k, [[ex.conv_id] for ex in examples]) if retriever else [[]] * len(examples)
+    )
+    return [ExampleContext(refs, e.label if e else None) for refs, e in zip(references, emotions)]

@@ -1,0 +1,104 @@
+"""train.py on a tiny random GPT-2: masking, retrieval exclusion, each method end to end, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import train
+from chatbot.contexts import example_contexts
+from chatbot.data import load_examples
+from chatbot.models import attach_adapter, load_base_model
+from chatbot.prompts import encode_example, prepare_tokenizer
+from chatbot.retriever import Retriever, build_index
+from chatbot.scoring import pad_batch
+from tests.conftest import make_tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_gpt2(gpt2_tokenizer).save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def synthetic_index(tmp_path_factory, synthetic_data, embedder):
+    out = tmp_path_factory.mktemp("train-index") / "index"
+    build_index(load_examples(synthetic_data, "train"), embedder, out, "synthetic")
+    return out
+
+
+def test_only_reply_tokens_count(gpt2_tokenizer, synthetic_data):
+    tok = prepare_tokenizer(gpt2_tokenizer)
+    ex = load_examples(synthetic_data, "train")[0]
+    enc = encode_example(tok, ex.history, ex.reply)
+    reply_ids = [i for i in enc.labels if i != -100]
+    assert tok.decode(reply_ids) == " " + ex.reply + tok.eos_token
+    assert enc.labels[: len(enc.input_ids) - len(reply_ids)] == [-100] * (len(enc.input_ids) - len(reply_ids))
+    assert enc.input_ids[-len(reply_ids):] == reply_ids
+    short = encode_example(tok, ex.history[:1], "Ok.")
+    batch = pad_batch([enc, short], tok.pad_token_id)
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == -100).all()
+    assert batch["input_ids"].shape == batch["labels"].shape
+
+
+def test_training_never_retrieves_its_own_conversation(synthetic_data, synthetic_index, embedder):
+    examples = load_examples(synthetic_data, "train")
+    retriever = Retriever(synthetic_index, embedder)
+    contexts = example_contexts(examples, embedder, retriever, None, k=3)
+    assert all(c.references for c in contexts)
+    for ex, c in zip(examples, contexts):
+        assert all(ref.conv_id != ex.conv_id for ref in c.references)
+    # Train examples reuse the index's stored vectors rather than being embedded again.
+    assert all(v is not None for v in retriever.stored_vectors(examples))
+
+
+def run(tmp_path, tiny_model_dir, synthetic_data, synthetic_index, method, *extra):
+    out = tmp_path / method
+    code = train.main([
+        "--method", method, "--base-model", str(tiny_model_dir), "--data-dir", str(synthetic_data),
+        "--index-dir", str(synthetic_index), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2",
+        "--eval-steps", "1", "--eval-limit", "2", "--test-limit", "2", "--k", "2", "--max-length", "256",
+        "--device", "cpu", *extra,
+    ])
+    assert code == 0
+    return out
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt-tuning", "full"])
+def test_two_steps_make_a_loadable_model(tmp_path, tiny_model_dir, synthetic_data, synthetic_index, method):
+    out = run(tmp_path, tiny_model_dir, synthetic_data, synthetic_index, method)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"test_perplexity", "test_word_perplexity", "valid_perplexity", "base_test_perplexity"} <= set(metrics)
+    assert (out / "loss.png").exists() and (out / "samples.json").exists()
+    if method == "full":
+        assert load_base_model(str(out), device="cpu").model is not None
+        return
+    meta = json.loads((out / "empathetic_chat.json").read_text())
+    assert meta["base_model"] == str(tiny_model_dir) and meta["training_args"]["method"] == method
+    tuned = attach_adapter(load_base_model(str(tiny_model_dir), device="cpu"), out)
+    assert tuned.has_adapter
+
+
+def test_resume_continues_to_the_same_result(tmp_path, tiny_model_dir, synthetic_data, synthetic_index):
+    whole = run(tmp_path / "a", tiny_model_dir, synthetic_data, synthetic_index, "lora", "--max-steps", "4",
+                "--eval-steps", "2")
+    # An "interrupted" run: stops after its step-2 checkpoint, then resumes to step 4.
+    first = run(tmp_path / "b", tiny_model_dir, synthetic_data, synthetic_index, "lora", "--max-steps", "4",
+                "--eval-steps", "2", "--save-limit", "5")
+    import shutil
+
+    shutil.rmtree(first / "checkpoints" / "checkpoint-4")
+    resumed = run(tmp_path / "b", tiny_model_dir, synthetic_data, synthetic_index, "lora", "--max-steps", "4",
+                  "--eval-steps", "2", "--resume")
+    from safetensors.torch import load_file
+
+    a = load_file(whole / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
