@@ -19,7 +19,7 @@ from chatbot.data import SPEAKER, Turn
 from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
-from chatbot.models import ChatModel, ModelLoadError, default_adapter, load_chat_model
+from chatbot.models import DEFAULT_BASE_MODEL, ChatModel, ModelLoadError, default_adapter, load_chat_model
 from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, Prompt, build_prompt, clean_reply, history_from_messages
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir
@@ -126,8 +126,6 @@ class EmpatheticChatbot:
         k: int = DEFAULT_K,
     ) -> EmpatheticChatbot:
         """Load everything by name; a missing index or unfit adapter degrades with a note instead of failing."""
-        from chatbot.models import DEFAULT_BASE_MODEL
-
         base_model = base_model or DEFAULT_BASE_MODEL
         notes = []
         adapter_path = default_adapter() if adapter == "default" else (None if adapter in (None, "none") else adapter)

@@ -1,0 +1,80 @@
+"""Helpers for the app tests: a tiny bot, the real bot with an index, and launching a demo on a free port."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from chatbot.bot import EmpatheticChatbot  # noqa: E402
+from chatbot.data import load_conversations, load_examples  # noqa: E402
+from chatbot.emotion import train_detector  # noqa: E402
+from chatbot.models import wrap_model  # noqa: E402
+from chatbot.retriever import Retriever, build_from_data, build_index  # noqa: E402
+from chatbot.runtime import PROJECT_ROOT  # noqa: E402
+from chatbot.safety import CrisisScreen  # noqa: E402
+
+REAL_DATA = Path(os.environ.get("ED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data" / "empatheticdialogues"))
+OUTPUT_DIR = PROJECT_ROOT / "test-output"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def free_port() -> int:
+    """A port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_bot(tokenizer, embedder, synthetic_data: Path, index_dir: Path) -> EmpatheticChatbot:
+    """A fast bot: random 2-layer GPT-2, a synthetic index, an emotion classifier trained on synthetic data."""
+    from conftest import make_tiny_gpt2
+
+    build_index(load_examples(synthetic_data, "train"), embedder, index_dir, "checksum")
+    conversations = load_conversations(synthetic_data, "train")
+    texts = [c.turns[0].text for c in conversations] + [c.situation for c in conversations]
+    emotion = train_detector(embedder, texts, [c.emotion for c in conversations] * 2)
+    chat = wrap_model(make_tiny_gpt2(tokenizer), tokenizer, "tiny-gpt2", device="cpu")
+    return EmpatheticChatbot(chat, retriever=Retriever(index_dir, embedder), emotion=emotion,
+                             crisis=CrisisScreen(embedder), embedder=embedder)
+
+
+def updating_screenshots() -> bool:
+    """Whether this run should refresh the README screenshots under assets/screenshots/."""
+    return os.environ.get("UPDATE_SCREENSHOTS") == "1"
+
+
+@functools.cache
+def real_bot() -> EmpatheticChatbot:
+    """The bot `app.py` loads at import, with retrieval on (a small index from the real data when none is built)."""
+    import app
+
+    bot = app.BOT
+    if bot.retriever is None:
+        if not (REAL_DATA / "train.csv").exists():
+            raise FileNotFoundError(f"no index and no real data at {REAL_DATA}")
+        index_dir = Path(tempfile.mkdtemp(prefix="ed-app-index-")) / "index"
+        # Screenshots get a fuller index; plain test runs a small, quick one.
+        build_from_data(REAL_DATA, index_dir, bot.embedder, limit=2000 if updating_screenshots() else 300)
+        bot.enable_retrieval(index_dir)
+    return bot
+
+
+@contextmanager
+def serve(demo) -> Iterator[str]:
+    """Launch `demo` on a free local port for the duration of the block; yields its URL."""
+    import app
+
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
+                **app.launch_options())
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
