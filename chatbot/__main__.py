@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from chatbot.bot import SYSTEMS, EmpatheticChatbot
+from chatbot.bot import DEFAULT_K, SYSTEMS, EmpatheticChatbot
 from chatbot.data import LISTENER, SPEAKER, Turn
 from chatbot.generation import DEFAULT_PRESET, PRESETS
 from chatbot.models import DEFAULT_BASE_MODEL, ModelLoadError
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="smollm2-135m-instruct (packaged), gpt2, distilgpt2, a hub id or a local folder")
     parser.add_argument("--index-dir", default=None, help="retrieval index folder (default: $ED_INDEX_DIR or data/index/)")
     parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help="generation settings preset")
-    parser.add_argument("--k", type=int, default=5, help="how many dialogues to retrieve")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="how many dialogues to retrieve")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--verbose", action="store_true", help="log loading details")
     return parser.parse_args(argv)

@@ -20,7 +20,14 @@ from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
 from chatbot.models import DEFAULT_BASE_MODEL, ChatModel, ModelLoadError, default_adapter, load_chat_model
-from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, Prompt, build_prompt, clean_reply, history_from_messages
+from chatbot.prompts import (
+    DEFAULT_MAX_PROMPT_TOKENS,
+    Prompt,
+    build_prompt,
+    clean_reply,
+    first_sentences,
+    history_from_messages,
+)
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir
 from chatbot.safety import CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
@@ -30,7 +37,7 @@ logger = logging.getLogger(__name__)
 # System names used everywhere (app, API, eval.py): which model and whether retrieval is on.
 SYSTEMS = {"base": (False, False), "base+rag": (False, True), "tuned": (True, False), "tuned+rag": (True, True)}
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so): replies stay fast
-DEFAULT_K = 5
+DEFAULT_K = 3  # retrieved dialogues per prompt: more lengthen the prompt (and the wait) more than they help
 EMPTY_MESSAGE_REPLY = "I'm here whenever you're ready. Tell me what's on your mind."
 ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could you say that again?"
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
@@ -146,8 +153,10 @@ class EmpatheticChatbot:
         except IndexLoadError as err:
             notes.append(f"Retrieval is off: {err}")
             logger.warning(notes[-1])
-        return cls(chat, retriever, load_emotion_detector(embedder), CrisisScreen(embedder), k=k, notes=notes,
-                   embedder=embedder)
+        emotion = load_emotion_detector(embedder)
+        if emotion is None:
+            notes.append("Emotion detection is off: assets/emotion is missing (python -m chatbot.emotion).")
+        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""
@@ -272,7 +281,8 @@ class EmpatheticChatbot:
             with context, torch.inference_mode():
                 if settings.num_beams > 1:  # beams cannot stream: yield the finished reply once
                     output = model.generate(**kwargs)
-                    yield clean_reply(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]))
+                    text = clean_reply(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]))
+                    yield first_sentences(text, settings.max_sentences) or text
                     return
                 streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=120)
                 cancel = threading.Event()
@@ -295,9 +305,13 @@ class EmpatheticChatbot:
                     for piece in streamer:
                         raw += piece
                         text = clean_reply(raw)
+                        enough = first_sentences(text, settings.max_sentences)
+                        text = enough or text
                         if text != last and text:
                             last = text
                             yield text
+                        if enough:
+                            break
                 finally:
                     # Also runs when the consumer stops early: the worker must finish before the lock is freed.
                     cancel.set()

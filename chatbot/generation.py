@@ -19,6 +19,7 @@ class GenerationSettings:
     num_beams: int = 1  # >1 is beam search (no streaming of partial beams)
     early_stopping: bool = False  # beam search stops when num_beams finished candidates exist
     max_new_tokens: int = 64  # one or two sentences; longer replies ramble
+    max_sentences: int = 3  # stop once the reply has this many sentences (small models ramble on); 0 = no limit
     seed: int | None = 42  # seeds sampling so a reply can be repeated; None = fresh randomness
 
     def generate_kwargs(self) -> dict[str, Any]:
@@ -61,7 +62,7 @@ PRESETS: dict[str, GenerationSettings] = {
     # The original report: beam 3, no_repeat_ngram 2, early stopping, max length 100.
     "report": GenerationSettings(
         do_sample=False, num_beams=3, no_repeat_ngram_size=2, early_stopping=True,
-        repetition_penalty=1.0, max_new_tokens=100, seed=None,
+        repetition_penalty=1.0, max_new_tokens=100, max_sentences=0, seed=None,
     ),
 }
 DEFAULT_PRESET = "chat"

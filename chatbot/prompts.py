@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +19,10 @@ SYSTEM_INSTRUCTION = (
     "Reply in one or two short sentences: show that you understand how they feel and, when it helps, "
     "ask a gentle follow-up question. No lists, no advice lectures."
 )
-EXAMPLES_HEADER = "Replies that listeners gave in similar conversations (for inspiration; do not copy):"
+EXAMPLES_NOTE = (
+    "The first {n} exchanges are examples from other people's similar conversations, to show the tone; "
+    "the real conversation follows them."
+)
 # GPT-2 style models have no chat template; this one renders the same messages as plain dialogue text.
 PLAIN_CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -31,8 +35,10 @@ PLAIN_CHAT_TEMPLATE = (
 # Text after which a reply is over: the model has started the next turn.
 TURN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\nSpeaker:", "Speaker:", "\nListener:", "\nUser:")
 ROLE_OF = {SPEAKER: "user", LISTENER: "assistant"}
+# A sentence is complete once white space follows its final punctuation.
+SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)")
 DEFAULT_MAX_PROMPT_TOKENS = 768
-MAX_EXAMPLE_CHARS = 240
+MAX_EXAMPLE_CHARS = 200
 
 
 class Reference(Protocol):
@@ -70,23 +76,25 @@ def _shorten(text: str, limit: int = MAX_EXAMPLE_CHARS) -> str:
 
 
 def system_message(references: Sequence[Reference] = (), emotion: str | None = None) -> str:
-    """The system instruction with the detected emotion and retrieved examples folded in."""
+    """The system instruction, with the detected emotion and a word on the example exchanges."""
     parts = [SYSTEM_INSTRUCTION]
     if emotion:
         parts.append(f"The person seems to feel {emotion}.")
     if references:
-        lines = [EXAMPLES_HEADER]
-        for ref in references:
-            lines.append(f"- ({ref.emotion}) Speaker: {_shorten(ref.context)}\n  Listener: {_shorten(ref.response)}")
-        parts.append("\n".join(lines))
+        parts.append(EXAMPLES_NOTE.format(n=len(references)))
     return "\n\n".join(parts)
 
 
 def chat_messages(
     message: str, history: Sequence[Turn] = (), references: Sequence[Reference] = (), emotion: str | None = None
 ) -> list[dict[str, str]]:
-    """Messages in chat-template form: system, the dialogue so far, then the current message."""
+    """Messages in chat-template form: system, retrieved example exchanges, the dialogue so far, the message."""
     messages = [{"role": "system", "content": system_message(references, emotion)}]
+    # Retrieved dialogues go in as example exchanges: small models imitate turns far better than they
+    # follow a quoted list (which the untuned model took for a text to edit).
+    for ref in references:
+        said = ref.context.splitlines()[-1] if ref.context.strip() else ref.context
+        messages += [{"role": "user", "content": _shorten(said)}, {"role": "assistant", "content": _shorten(ref.response)}]
     messages += [{"role": ROLE_OF[t.role], "content": t.text} for t in history]
     messages.append({"role": "user", "content": message})
     return messages
@@ -146,6 +154,16 @@ def clean_reply(text: str) -> str:
         if index != -1:
             cut = min(cut, index)
     return " ".join(text[:cut].split())
+
+
+def first_sentences(text: str, limit: int) -> str | None:
+    """The first `limit` sentences once the text has gone past them (None while it has not, or limit 0)."""
+    if limit <= 0:
+        return None
+    ends = [m.end() for m in SENTENCE_END.finditer(text)]
+    if len(ends) >= limit and text[ends[limit - 1]:].strip():
+        return text[: ends[limit - 1]]
+    return None
 
 
 def history_from_messages(messages: Sequence[dict]) -> list[Turn]:

@@ -13,7 +13,7 @@ import time
 import pytest
 from app_server import CHROMIUM, OUTPUT_DIR, real_bot, serve, tiny_bot, updating_screenshots
 
-from chatbot.bot import MAX_MESSAGE_CHARS
+from chatbot.bot import DEFAULT_K, MAX_MESSAGE_CHARS
 from chatbot.runtime import ASSETS_DIR
 
 pytestmark = pytest.mark.browser
@@ -129,7 +129,7 @@ def test_chat_streams_a_reply_and_shows_emotion_and_retrieved_dialogues(page):
     assert page.page.locator("#emotion").inner_text().strip() != "Detected emotion (latest message)"
     assert "%" in page.page.locator("#emotion").inner_text()
     cards = page.page.locator("#retrieved .ed-card")
-    assert cards.count() == 5 and "goldfish" in page.page.locator("#retrieved").inner_text()
+    assert cards.count() == DEFAULT_K and "goldfish" in page.page.locator("#retrieved").inner_text()
     page.screenshot("chat-tiny.png")
     page.page.click("#clear")
     page.page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=\"bot\"]')")
@@ -145,7 +145,7 @@ def test_example_fills_the_message_box(page):
 def test_compare_tab_shows_two_replies_and_a_table(page):
     left, right = page.compare("My trip to the coast got cancelled.")
     assert left and right
-    assert page.page.locator("#compare-retrieved .ed-card").count() == 5
+    assert page.page.locator("#compare-retrieved .ed-card").count() == DEFAULT_K
     assert "My trip to the coast got cancelled." in page.page.locator("#comparisons").inner_text()
     assert page.page.locator("#download-csv").is_visible()
     page.screenshot("compare-tiny.png")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from chatbot.data import LISTENER, SPEAKER, Turn
 from chatbot.prompts import (
-    EXAMPLES_HEADER,
+    EXAMPLES_NOTE,
     SYSTEM_INSTRUCTION,
     build_prompt,
     clean_reply,
@@ -24,8 +24,11 @@ def test_plain_template_for_gpt2(gpt2_tokenizer):
     assert tok.pad_token == tok.eos_token and tok.padding_side == "left"
     prompt = build_prompt(tok, "I lost my job.", [Turn(SPEAKER, "Hi"), Turn(LISTENER, "Hello!")], [REF], "sad")
     assert prompt.text.startswith(SYSTEM_INSTRUCTION)
-    assert EXAMPLES_HEADER in prompt.text and "The person seems to feel sad." in prompt.text
-    assert prompt.text.endswith("Speaker: Hi\nListener: Hello!<|endoftext|>\nSpeaker: I lost my job.\nListener:")
+    assert EXAMPLES_NOTE.format(n=1) in prompt.text and "The person seems to feel sad." in prompt.text
+    assert prompt.text.endswith(
+        "Speaker: My cat died yesterday.\nListener: I'm so sorry for your loss.<|endoftext|>\n"
+        "Speaker: Hi\nListener: Hello!<|endoftext|>\nSpeaker: I lost my job.\nListener:"
+    )
     assert prompt.token_count == count_tokens(tok, prompt.text)
     assert reply_target(tok, prompt, "That is hard.") == " That is hard.<|endoftext|>"
 
@@ -67,3 +70,13 @@ def test_history_from_ui_messages_skips_junk():
          {"role": "system", "content": "x"}, {"role": "user", "content": ""}, {"role": "user", "content": 5}]
     )
     assert turns == [Turn(SPEAKER, "hi"), Turn(LISTENER, "hello")]
+
+
+def test_first_sentences_cuts_only_once_past_the_limit():
+    from chatbot.prompts import first_sentences
+
+    assert first_sentences("Oh no. That is sad. How are you", 2) == "Oh no. That is sad."
+    assert first_sentences("Oh no. That is sad.", 2) is None  # not yet past the second sentence
+    assert first_sentences("Wow! Really?! Tell me more. ok", 3) == "Wow! Really?! Tell me more."
+    assert first_sentences("Oh no. That is sad. More", 0) is None
+    assert first_sentences("I paid $3.50 for it. Fine", 1) == "I paid $3.50 for it."
