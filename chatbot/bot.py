@@ -197,8 +197,9 @@ class EmpatheticChatbot:
         """Emotion and (optionally) the k most similar past dialogues, from one embedding of the last turns."""
         if self.embedder is None or (self.emotion is None and (self.retriever is None or not use_retrieval)):
             return None, []
-        vector = embed(self.embedder, [query_text([*history, Turn(SPEAKER, message)])])
-        emotion = self.emotion.predict_vectors(vector)[0] if self.emotion else None
+        text = query_text([*history, Turn(SPEAKER, message)])
+        vector = embed(self.embedder, [text])
+        emotion = self.emotion.predict_batch([text], vector)[0] if self.emotion else None
         retrieved = self.retriever.search_vectors(vector, self.k)[0] if self.retriever and use_retrieval else []
         return emotion, retrieved
 

@@ -48,7 +48,8 @@ def example_contexts(
     if not examples or (retriever is None and emotion is None):
         return [ExampleContext() for _ in examples]
     vectors = example_vectors(examples, embedder, retriever)
-    emotions = emotion.predict_vectors(vectors) if emotion else [None] * len(examples)
+    texts = [query_text(ex.history) for ex in examples]
+    emotions = emotion.predict_batch(texts, vectors) if emotion else [None] * len(examples)
     references = (
         retriever.search_vectors(vectors, k, [[ex.conv_id] for ex in examples]) if retriever else [[]] * len(examples)
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> Sente
     model = SentenceTransformer(path, device=str(target))
     model.max_seq_length = MAX_SEQ_LENGTH
     if target.type == "cpu":
-        model[0].auto_model = torch.ao.quantization.quantize_dynamic(
-            model[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8
-        )
+        with warnings.catch_warnings():  # torch flags its quantized tensor API as deprecated; it still works
+            warnings.simplefilter("ignore", UserWarning)
+            model[0].auto_model = torch.ao.quantization.quantize_dynamic(
+                model[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8
+            )
     return model
 
 

@@ -1,4 +1,9 @@
-"""Emotion detection among the 32 Empathetic Dialogues labels: a linear classifier on MiniLM embeddings."""
+"""Emotion detection among the 32 Empathetic Dialogues labels.
+
+Two linear classifiers, averaged: one on the MiniLM embedding (meaning), one on hashed word n-grams
+(the exact words: "proud", "jealous", "scared" carry most of the signal). Weights are plain arrays
+(no pickle) and hashed features store no text.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from scipy import sparse
 from sentence_transformers import SentenceTransformer
+from sklearn.feature_extraction.text import HashingVectorizer
 
 from chatbot.embeddings import EMBEDDER_NAME, embed, load_embedder
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED
@@ -21,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 EMOTION_DIR = ASSETS_DIR / "emotion"
 WEIGHTS_FILE, MANIFEST_FILE = "classifier.npz", "manifest.json"
+HASH_FEATURES = 2**15  # word uni+bigrams hashed into 32k columns: ~2 MB of float16 weights, few collisions
+NGRAMS = (1, 2)
 
 
 @dataclass(frozen=True)
@@ -35,45 +44,86 @@ class EmotionPrediction:
         return asdict(self)
 
 
-class EmotionDetector:
-    """Softmax-linear classifier over sentence embeddings; weights are plain arrays (no pickle)."""
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(logits)
+    return exp / exp.sum(axis=1, keepdims=True)
 
-    def __init__(self, embedder: SentenceTransformer, labels: Sequence[str], coef: np.ndarray, intercept: np.ndarray,
+
+class LexicalFeatures:
+    """Sublinear TF-IDF over hashed word n-grams, L2-normalised (sklearn's TfidfTransformer, without state)."""
+
+    def __init__(self, idf: np.ndarray):
+        """Wrap learned inverse document frequencies."""
+        self.idf = np.asarray(idf, dtype=np.float32)
+        self.hasher = HashingVectorizer(n_features=len(self.idf), ngram_range=NGRAMS, alternate_sign=False, norm=None)
+
+    @staticmethod
+    def fit(texts: Sequence[str]) -> LexicalFeatures:
+        """Learn smoothed idf from texts."""
+        counts = HashingVectorizer(n_features=HASH_FEATURES, ngram_range=NGRAMS, alternate_sign=False,
+                                   norm=None).transform(texts)
+        df = np.bincount(counts.indices, minlength=HASH_FEATURES)
+        return LexicalFeatures(np.log((1 + len(texts)) / (1 + df)) + 1)
+
+    def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
+        """Feature rows for texts."""
+        x = self.hasher.transform(texts).astype(np.float32)
+        x.data = 1 + np.log(x.data)
+        x = x.multiply(self.idf).tocsr()
+        norms = np.sqrt(np.asarray(x.multiply(x).sum(axis=1))).ravel()
+        return sparse.diags(1 / np.maximum(norms, 1e-12)) @ x
+
+
+class EmotionDetector:
+    """Average of a semantic and a lexical softmax-linear classifier."""
+
+    def __init__(self, embedder: SentenceTransformer, labels: Sequence[str], dense: tuple[np.ndarray, np.ndarray],
+                 lexical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, weight: float = 0.5,
                  manifest: dict | None = None):
-        """Wrap trained weights; `coef` is (labels, dim)."""
+        """`dense` = (coef (labels, dim), intercept); `lexical` = (coef (labels, features), intercept, idf)."""
         self.embedder = embedder
         self.labels = list(labels)
-        self.coef = np.asarray(coef, dtype=np.float32)
-        self.intercept = np.asarray(intercept, dtype=np.float32)
+        self.dense_coef, self.dense_bias = (np.asarray(a, dtype=np.float32) for a in dense)
+        self.lexical = None
+        if lexical is not None:
+            coef, bias, idf = lexical
+            self.lexical = (np.asarray(coef, dtype=np.float32), np.asarray(bias, dtype=np.float32), LexicalFeatures(idf))
+        self.weight = weight  # share of the semantic classifier in the average
         self.manifest = manifest or {}
 
-    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        """Label probabilities for embedded texts."""
-        logits = vectors @ self.coef.T + self.intercept
-        logits -= logits.max(axis=1, keepdims=True)
-        exp = np.exp(logits)
-        return exp / exp.sum(axis=1, keepdims=True)
+    def probabilities(self, texts: Sequence[str], vectors: np.ndarray) -> np.ndarray:
+        """Label probabilities for texts whose embeddings are `vectors` (retrieval shares that embedding)."""
+        probs = _softmax(vectors @ self.dense_coef.T + self.dense_bias)
+        if self.lexical is not None:
+            coef, bias, features = self.lexical
+            lexical = _softmax(np.asarray(features.transform(texts) @ coef.T) + bias)
+            probs = self.weight * probs + (1 - self.weight) * lexical
+        return probs
 
-    def predict_vectors(self, vectors: np.ndarray) -> list[EmotionPrediction]:
-        """The top emotion for each already embedded text (retrieval and emotion share one embedding)."""
-        probs = self.probabilities(vectors)
-        best = probs.argmax(axis=1)
-        return [EmotionPrediction(self.labels[i], round(float(p[i]), 4)) for i, p in zip(best, probs)]
+    def predict_batch(self, texts: Sequence[str], vectors: np.ndarray) -> list[EmotionPrediction]:
+        """The top emotion for each already embedded text."""
+        probs = self.probabilities(texts, vectors)
+        return [EmotionPrediction(self.labels[i], round(float(p[i]), 4)) for i, p in zip(probs.argmax(axis=1), probs)]
 
     def predict_many(self, texts: Sequence[str]) -> list[EmotionPrediction]:
         """The top emotion for each text."""
-        return self.predict_vectors(embed(self.embedder, list(texts)))
+        return self.predict_batch(texts, embed(self.embedder, list(texts)))
 
     def predict(self, text: str) -> EmotionPrediction:
         """The top emotion for one text."""
         return self.predict_many([text])[0]
 
     def save(self, out_dir: Path, extra: dict | None = None) -> Path:
-        """Write weights and a manifest (embedder, labels, metrics)."""
+        """Write weights (float16 for the large lexical matrix) and a manifest (embedder, labels, metrics)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        np.savez(out_dir / WEIGHTS_FILE, coef=self.coef, intercept=self.intercept)
-        manifest = {**self.manifest, **(extra or {}), "labels": self.labels}
+        arrays = {"dense_coef": self.dense_coef, "dense_bias": self.dense_bias}
+        if self.lexical is not None:
+            coef, bias, features = self.lexical
+            arrays.update(lexical_coef=coef.astype(np.float16), lexical_bias=bias, idf=features.idf)
+        np.savez_compressed(out_dir / WEIGHTS_FILE, **arrays)
+        manifest = {**self.manifest, **(extra or {}), "weight": self.weight, "labels": self.labels}
         (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         return out_dir
 
@@ -83,25 +133,42 @@ class EmotionDetector:
         path = Path(path)
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-            weights = np.load(path / WEIGHTS_FILE)
-        except (OSError, ValueError) as err:
+            w = np.load(path / WEIGHTS_FILE)
+            lexical = (w["lexical_coef"], w["lexical_bias"], w["idf"]) if "lexical_coef" in w else None
+            dense = (w["dense_coef"], w["dense_bias"])
+        except (OSError, ValueError, KeyError) as err:
             raise ValueError(f"Cannot read emotion classifier at {path}: {err}") from err
         if manifest.get("embedder") != embedder_name:
             raise ValueError(f"Emotion classifier {path} was trained on {manifest.get('embedder')!r}, not {embedder_name!r}")
-        return cls(embedder, manifest["labels"], weights["coef"], weights["intercept"], manifest)
+        return cls(embedder, manifest["labels"], dense, lexical, manifest.get("weight", 0.5), manifest)
+
+
+def _fit_linear(x, labels: Sequence[str], c: float, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(x, list(labels))
+    return list(model.classes_), model.coef_, model.intercept_
 
 
 def train_detector(
-    embedder: SentenceTransformer, texts: Sequence[str], labels: Sequence[str], c: float = 4.0, seed: int = DEFAULT_SEED
+    embedder: SentenceTransformer,
+    dense_vectors: np.ndarray,
+    dense_labels: Sequence[str],
+    lexical_texts: Sequence[str],
+    lexical_labels: Sequence[str],
+    weight: float = 0.5,
+    seed: int = DEFAULT_SEED,
 ) -> EmotionDetector:
-    """Fit multinomial logistic regression on embedded texts."""
-    from sklearn.linear_model import LogisticRegression
-
-    vectors = embed(embedder, list(texts), batch_size=128, progress=True)
-    model = LogisticRegression(C=c, max_iter=3000, random_state=seed).fit(vectors, list(labels))
-    manifest = {"embedder": EMBEDDER_NAME, "C": c, "train_texts": len(texts),
-                "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    return EmotionDetector(embedder, list(model.classes_), model.coef_, model.intercept_, manifest)
+    """Fit the semantic classifier on embeddings and the lexical one on texts (same label set)."""
+    labels, dense_coef, dense_bias = _fit_linear(dense_vectors, dense_labels, 1.0, seed)
+    features = LexicalFeatures.fit(lexical_texts)
+    lexical_classes, lex_coef, lex_bias = _fit_linear(features.transform(lexical_texts), lexical_labels, 2.0, seed)
+    if lexical_classes != labels:
+        raise ValueError("The semantic and lexical training sets must cover the same emotion labels")
+    manifest = {"embedder": EMBEDDER_NAME, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "dense_examples": len(dense_labels), "lexical_examples": len(lexical_labels)}
+    return EmotionDetector(embedder, labels, (dense_coef, dense_bias), (lex_coef, lex_bias, features.idf), weight,
+                           manifest)
 
 
 def accuracy(detector: EmotionDetector, texts: Sequence[str], gold: Sequence[str]) -> float:
@@ -120,36 +187,57 @@ def load_emotion_detector(embedder: SentenceTransformer, path: Path = EMOTION_DI
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m chatbot.emotion`: train the emotion classifier on the train split and report test accuracy."""
-    from chatbot.data import DataError, data_checksum, load_conversations
+    """`python -m chatbot.emotion`: train the emotion classifier, pick the mix on valid, report test accuracy."""
+    from chatbot.data import SPEAKER, DataError, data_checksum, load_conversations
+    from chatbot.retriever import IndexLoadError, Retriever
+    from chatbot.runtime import default_index_dir
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--data-dir", default=None, help="folder with train/valid/test.csv or the release .tar.gz")
+    parser.add_argument("--index-dir", default=None,
+                        help="train index whose stored vectors train the semantic part (default: data/index/)")
     parser.add_argument("--out", default=str(EMOTION_DIR), help="folder to write classifier.npz and manifest.json")
-    parser.add_argument("--c", type=float, default=4.0, help="inverse L2 regularisation strength")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        train = load_conversations(args.data_dir, "train")
-        test = [c for c in load_conversations(args.data_dir, "test") if c.emotion]
-        checksum = data_checksum(args.data_dir, ["train"])
-    except DataError as err:
-        parser.exit(2, f"error: {err}\n")
     started = time.perf_counter()
     embedder = load_embedder()
-    # First speaker turns and the written situations describe the same feeling; both teach the classifier.
-    texts = [c.turns[0].text for c in train] + [c.situation for c in train]
-    labels = [c.emotion for c in train] * 2
-    detector = train_detector(embedder, texts, labels, c=args.c)
-    acc = accuracy(detector, [c.turns[0].text for c in test], [c.emotion for c in test])
+    try:
+        train = load_conversations(args.data_dir, "train")
+        valid = [c for c in load_conversations(args.data_dir, "valid") if c.emotion]
+        test = [c for c in load_conversations(args.data_dir, "test") if c.emotion]
+        retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder)
+        checksum = data_checksum(args.data_dir, ["train"])
+    except (DataError, IndexLoadError) as err:
+        parser.exit(2, f"error: {err}\n")
+    # The index already holds an embedding of every train listener turn's context: no second embedding pass.
+    vectors = retriever.index.reconstruct_n(0, retriever.index.ntotal)
+    dense_labels = [r["emotion"] for r in retriever.records]
+    lexical_texts = ([c.turns[0].text for c in train] + [c.situation for c in train]
+                     + [" ".join(t.text for t in c.turns if t.role == SPEAKER) for c in train])
+    detector = train_detector(embedder, vectors, dense_labels, lexical_texts, [c.emotion for c in train] * 3)
+
+    def first_turn_accuracy(conversations: list, vectors: np.ndarray) -> float:
+        probs = detector.probabilities([c.turns[0].text for c in conversations], vectors)
+        return float(np.mean([detector.labels[i] == c.emotion for i, c in zip(probs.argmax(axis=1), conversations)]))
+
+    # The mix is chosen on valid only; test is measured once, after.
+    valid_vectors = embed(embedder, [c.turns[0].text for c in valid], batch_size=128)
+    scores = {}
+    for weight in (0.3, 0.4, 0.5, 0.6, 0.7, 1.0):
+        detector.weight = weight
+        scores[weight] = first_turn_accuracy(valid, valid_vectors)
+    detector.weight = max(scores, key=scores.get)
+    acc = first_turn_accuracy(test, embed(embedder, [c.turns[0].text for c in test], batch_size=128))
     detector.save(Path(args.out), {
+        "valid_accuracy_by_weight": scores,
         "test_accuracy_first_turn": round(acc, 4),
-        "protocol": "test split, first speaker turn -> gold conversation emotion, 32 labels",
+        "protocol": "test split, first speaker turn -> gold conversation emotion, 32 labels; mix weight chosen on valid",
         "test_conversations": len(test),
         "data_checksum_train": checksum,
         "train_seconds": round(time.perf_counter() - started, 1),
     })
-    print(f"emotion accuracy (test, first speaker turn, {len(test)} conversations): {acc:.1%}")
+    print(f"emotion accuracy (test, first speaker turn, {len(test)} conversations): {acc:.1%} "
+          f"(semantic weight {detector.weight}, valid {scores[detector.weight]:.1%})")
     return 0
 
 

@@ -14,6 +14,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from chatbot.bot import EmpatheticChatbot  # noqa: E402
 from chatbot.data import load_conversations, load_examples  # noqa: E402
+from chatbot.embeddings import embed
 from chatbot.emotion import train_detector  # noqa: E402
 from chatbot.models import wrap_model  # noqa: E402
 from chatbot.retriever import Retriever, build_from_data, build_index  # noqa: E402
@@ -39,7 +40,8 @@ def tiny_bot(tokenizer, embedder, synthetic_data: Path, index_dir: Path) -> Empa
     build_index(load_examples(synthetic_data, "train"), embedder, index_dir, "checksum")
     conversations = load_conversations(synthetic_data, "train")
     texts = [c.turns[0].text for c in conversations] + [c.situation for c in conversations]
-    emotion = train_detector(embedder, texts, [c.emotion for c in conversations] * 2)
+    labels = [c.emotion for c in conversations] * 2
+    emotion = train_detector(embedder, embed(embedder, texts), labels, texts, labels)
     chat = wrap_model(make_tiny_gpt2(tokenizer), tokenizer, "tiny-gpt2", device="cpu")
     return EmpatheticChatbot(chat, retriever=Retriever(index_dir, embedder), emotion=emotion,
                              crisis=CrisisScreen(embedder), embedder=embedder)

