@@ -96,3 +96,18 @@ def test_official_splits_do_not_share_conversations(real_data):
     ids = {split: {c.conv_id for c in load_conversations(real_data, split)} for split in ("train", "valid", "test")}
     assert not ids["train"] & ids["test"]
     assert not ids["train"] & ids["valid"]
+
+
+def test_release_archive_is_read_like_the_folder(synthetic_data, tmp_path):
+    import tarfile
+
+    archive = tmp_path / "empatheticdialogues.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for split in ("train", "valid", "test"):
+            tar.add(synthetic_data / f"{split}.csv", arcname=f"empatheticdialogues/{split}.csv")
+    from_archive = load_conversations(archive, "train")
+    assert from_archive == load_conversations(synthetic_data, "train")
+    folder = tmp_path / "only-archive"
+    folder.mkdir()
+    archive.rename(folder / archive.name)
+    assert load_conversations(folder, "test") == load_conversations(synthetic_data, "test")
