@@ -18,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from chatbot.bot import SYSTEMS, EmpatheticChatbot, Reply, normalize_message
-from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
+from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, GenerationSettings
 from chatbot.retriever import build_from_data
 from chatbot.runtime import ASSETS_DIR, default_index_dir
 
@@ -43,11 +43,6 @@ SYSTEM_LABELS = {
 }
 DEFAULT_LEFT, DEFAULT_RIGHT = "base", "tuned+rag"
 COMPARE_HEADERS = ["Message", "Left system", "Left reply", "Right system", "Right reply"]
-PRESET_INFO = {
-    "chat": "seeded sampling: short, varied replies (the app's default)",
-    "greedy": "deterministic decoding, as used by evaluation",
-    "report": "beam search (3 beams), as in the original report",
-}
 # History sent to the API is capped (the prompt only keeps the most recent turns anyway).
 MAX_API_HISTORY_MESSAGES = 40
 MAX_API_HISTORY_CHARS = 4000
@@ -342,7 +337,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None) ->
         return (gr.update(value=chosen.temperature, interactive=chosen.do_sample),
                 gr.update(value=chosen.top_p, interactive=chosen.do_sample),
                 chosen.max_new_tokens, chosen.repetition_penalty, chosen.num_beams,
-                f"*{PRESET_INFO.get(name, '')}*")
+                f"*{PRESET_DESCRIPTIONS.get(name, '')}*")
 
     # ------------------------------------------------------------------ compare
     def run_compare(message: str, left: str, right: str, table: dict, *controls) -> Iterator[tuple]:
@@ -422,7 +417,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None) ->
                     with gr.Accordion("Generation settings", open=False):
                         preset = gr.Dropdown(list(PRESETS), value=DEFAULT_PRESET, label="Preset",
                                              info="Choosing a preset sets the sliders below.")
-                        preset_info = gr.Markdown(f"*{PRESET_INFO.get(DEFAULT_PRESET, '')}*")
+                        preset_info = gr.Markdown(f"*{PRESET_DESCRIPTIONS.get(DEFAULT_PRESET, '')}*")
                         with gr.Row():
                             temperature = gr.Slider(0.05, 1.5, value=default.temperature, step=0.05,
                                                     label="Temperature", interactive=default.do_sample)

@@ -91,8 +91,9 @@ def chat_messages(
     """Messages in chat-template form: system, retrieved example exchanges, the dialogue so far, the message."""
     messages = [{"role": "system", "content": system_message(references, emotion)}]
     # Retrieved dialogues go in as example exchanges: small models imitate turns far better than they
-    # follow a quoted list (which the untuned model took for a text to edit).
-    for ref in references:
+    # follow a quoted list (which the untuned model took for a text to edit). The most similar goes last,
+    # next to the real conversation, where small models look hardest.
+    for ref in reversed(references):
         said = ref.context.splitlines()[-1] if ref.context.strip() else ref.context
         messages += [{"role": "user", "content": _shorten(said)}, {"role": "assistant", "content": _shorten(ref.response)}]
     messages += [{"role": ROLE_OF[t.role], "content": t.text} for t in history]

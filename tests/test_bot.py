@@ -27,7 +27,7 @@ def test_stream_yields_growing_text_ending_with_the_full_reply(tiny_chat):
 def test_greedy_is_deterministic_and_sampling_is_seeded(tiny_chat):
     bot = EmpatheticChatbot(tiny_chat)
     assert bot.respond("hi", settings=GREEDY).text == bot.respond("hi", settings=GREEDY).text
-    sampled = PRESETS["chat"].updated(max_new_tokens=8, seed=7)
+    sampled = PRESETS["sampling"].updated(max_new_tokens=8, seed=7)
     assert bot.respond("hi", settings=sampled).text == bot.respond("hi", settings=sampled).text
 
 
