@@ -196,11 +196,6 @@ def data_checksum(data_dir: str | os.PathLike | None, splits: Iterable[str] = SP
     return digest.hexdigest()
 
 
-def emotion_labels(conversations: Iterable[Conversation]) -> list[str]:
-    """Sorted distinct emotion labels (one test conversation has none; it is left out)."""
-    return sorted({c.emotion for c in conversations if c.emotion})
-
-
 def dataset_stats(data_dir: str | os.PathLike | None) -> dict:
     """Counts per split (conversations, utterances, listener examples) and the emotion distribution."""
     stats: dict = {"splits": {}, "emotions": {}}
