@@ -269,10 +269,7 @@ def test_module_level_demo_is_a_queued_blocks(app):
 
 @pytest.mark.integration
 def test_real_model_answers_through_the_api(app):
-    try:
-        bot = real_bot()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    bot = real_bot()
     with serve(app.build_demo(bot)) as url:
         reply, emotion, retrieved = Client(url, verbose=False).predict(
             "My dog died today. I am so distraught.", [], True, api_name="/respond")

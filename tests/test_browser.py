@@ -205,10 +205,7 @@ def test_stop_ends_the_reply_and_the_chat_goes_on(page, tiny_bot_for_browser, mo
 def test_real_model_screenshots(browser):
     import app
 
-    try:
-        bot = real_bot()
-    except FileNotFoundError as err:
-        pytest.skip(str(err))
+    bot = real_bot()
     with serve(app.build_demo(bot)) as url:
         tab = Page(browser, url)
         try:
