@@ -228,17 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if any(math.isnan(v) for v in (metrics["test_perplexity"], metrics["valid_perplexity"])):
         logger.warning("NaN perplexity: check the learning rate")
-    training_record = {k: v for k, v in vars(args).items()}
-    training_record.update(learning_rate=lr, retrieval_k=args.k if retriever else 0,
+    training_record = dict(vars(args), learning_rate=lr, retrieval_k=args.k if retriever else 0,
                            index_manifest=retriever.manifest if retriever else None)
-    if config is not None:
-        save_adapter(model, chat.tokenizer, out, chat.base_model, training_record, metrics)
-    else:
-        model.save_pretrained(out)
-        chat.tokenizer.save_pretrained(out)
-        (out / "empathetic_chat.json").write_text(json.dumps(
-            {"base_model": chat.base_model, "method": "full", "training_args": training_record, "metrics": metrics},
-            indent=2, default=str))
+    save_adapter(model, chat.tokenizer, out, chat.base_model, training_record, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(trainer.state.log_history, out / "loss.png")
 

@@ -136,14 +136,15 @@ def save_adapter(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, base_model: str,
     training_args: dict | None = None, metrics: dict | None = None,
 ) -> Path:
-    """Save a peft adapter with the metadata its loader checks (base model, prompt format, args, metrics)."""
+    """Save a tuned model (peft adapter, or full weights) with the metadata its loader checks."""
     out = Path(out_dir)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    peft_config = getattr(model, "active_peft_config", None)
     meta = {
         "base_model": base_model,
         "prompt_format_version": PROMPT_FORMAT_VERSION,
-        "peft_type": str(getattr(model, "active_peft_config", None) and model.active_peft_config.peft_type.value),
+        "peft_type": peft_config.peft_type.value if peft_config else None,  # None: full weights, load as --base-model
         "training_args": training_args or {},
         "metrics": metrics or {},
     }

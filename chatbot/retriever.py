@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -207,7 +208,6 @@ class Retriever:
             )
         self.manifest = manifest
         self.embedder = embedder
-        self._positions = {(r["conv_id"], r["context"], r["response"]): i for i, r in enumerate(self.records)}
         self.index_dir = index_dir
 
     def __len__(self) -> int:
@@ -220,6 +220,11 @@ class Retriever:
             position = self._positions.get((ex.conv_id, query_text(ex.history), ex.reply))
             found.append(self.index.reconstruct(position) if position is not None and self._reconstructable else None)
         return found
+
+    @functools.cached_property
+    def _positions(self) -> dict[tuple[str, str, str], int]:
+        # Built on first use: only training and scoring look entries up; the app never pays for it.
+        return {(r["conv_id"], r["context"], r["response"]): i for i, r in enumerate(self.records)}
 
     @property
     def _reconstructable(self) -> bool:

@@ -11,7 +11,7 @@ import train
 from chatbot.contexts import example_contexts
 from chatbot.data import load_examples
 from chatbot.models import attach_adapter, load_base_model
-from chatbot.prompts import encode_example, prepare_tokenizer
+from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example, prepare_tokenizer
 from chatbot.retriever import Retriever, build_index
 from chatbot.scoring import pad_batch
 from tests.conftest import make_tiny_gpt2
@@ -76,11 +76,12 @@ def test_two_steps_make_a_loadable_model(tmp_path, tiny_model_dir, synthetic_dat
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"test_perplexity", "test_word_perplexity", "valid_perplexity", "base_test_perplexity"} <= set(metrics)
     assert (out / "loss.png").exists() and (out / "samples.json").exists()
-    if method == "full":
-        assert load_base_model(str(out), device="cpu").model is not None
-        return
     meta = json.loads((out / "empathetic_chat.json").read_text())
     assert meta["base_model"] == str(tiny_model_dir) and meta["training_args"]["method"] == method
+    assert meta["prompt_format_version"] == PROMPT_FORMAT_VERSION
+    if method == "full":
+        assert meta["peft_type"] is None and load_base_model(str(out), device="cpu").model is not None
+        return
     tuned = attach_adapter(load_base_model(str(tiny_model_dir), device="cpu"), out)
     assert tuned.has_adapter
 
