@@ -25,9 +25,10 @@ class ExampleContext:
     emotion: str | None = None
 
 
-def example_vectors(examples: Sequence[Example], embedder: SentenceTransformer, retriever: Retriever | None) -> np.ndarray:
-    """Query embeddings; train examples reuse the vectors stored in the index instead of re-embedding."""
-    texts = [query_text(ex.history) for ex in examples]
+def example_vectors(
+    examples: Sequence[Example], texts: Sequence[str], embedder: SentenceTransformer, retriever: Retriever | None
+) -> np.ndarray:
+    """Embeddings of the examples' query texts; train examples reuse the index's stored vectors."""
     stored = retriever.stored_vectors(examples) if retriever is not None else [None] * len(examples)
     missing = [i for i, vec in enumerate(stored) if vec is None]
     logger.info("Query vectors: %d from the index, %d to embed", len(examples) - len(missing), len(missing))
@@ -47,8 +48,8 @@ def example_contexts(
     """Top-k neighbours (never from the example's own conversation) and detected emotion for each example."""
     if not examples or (retriever is None and emotion is None):
         return [ExampleContext() for _ in examples]
-    vectors = example_vectors(examples, embedder, retriever)
     texts = [query_text(ex.history) for ex in examples]
+    vectors = example_vectors(examples, texts, embedder, retriever)
     emotions = emotion.predict_batch(texts, vectors) if emotion else [None] * len(examples)
     references = (
         retriever.search_vectors(vectors, k, [[ex.conv_id] for ex in examples]) if retriever else [[]] * len(examples)

@@ -44,7 +44,6 @@ MAX_EXAMPLE_CHARS = 200
 class Reference(Protocol):
     """What a retrieved dialogue must offer the prompt (see chatbot.retriever.RetrievedDialogue)."""
 
-    emotion: str
     context: str
     response: str
 
