@@ -27,7 +27,7 @@ from chatbot.models import DEFAULT_BASE_MODEL, ModelLoadError, load_base_model, 
 from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, SYSTEM_INSTRUCTION, EncodedExample, encode_example
 from chatbot.retriever import IndexLoadError, Retriever
 from chatbot.runtime import DEFAULT_SEED, default_index_dir, get_device, set_seed
-from chatbot.scoring import pad_batch, perplexity
+from chatbot.scoring import features, pad_batch, perplexity, reply_loss
 
 logger = logging.getLogger("train")
 METHODS = ("prompt-tuning", "lora", "full")
@@ -64,20 +64,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: virtual tokens")
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
     p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
+    p.add_argument("--lora-layers", type=int, default=0,
+                   help="adapt only the top N transformer layers (0 = all); backpropagation stops at the lowest "
+                        "adapted layer, so fewer layers train faster (about 1.6x with 10 of SmolLM2's 30 on CPU)")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for sampling, initialisation and shuffling")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     return p.parse_args(argv)
 
 
-def peft_config(method: str, model_type: str, args: argparse.Namespace, tokenizer_path: str):
+def peft_config(method: str, model_type: str, num_layers: int, args: argparse.Namespace, tokenizer_path: str):
     """The peft configuration for a method and architecture (None for full fine-tuning)."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
 
     if method == "lora":
         targets, fan_in_fan_out = LORA_TARGETS.get(model_type, LORA_TARGETS["llama"])
+        top = list(range(num_layers - args.lora_layers, num_layers)) if 0 < args.lora_layers < num_layers else None
         return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.05, target_modules=targets,
-                          fan_in_fan_out=fan_in_fan_out, task_type="CAUSAL_LM")
+                          fan_in_fan_out=fan_in_fan_out, layers_to_transform=top, task_type="CAUSAL_LM")
     if method == "prompt-tuning":
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=args.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=SYSTEM_INSTRUCTION,
@@ -92,7 +96,7 @@ def encode_all(chat, examples: list[Example], contexts, max_length: int) -> list
 
 
 class ExampleDataset(torch.utils.data.Dataset):
-    """Encoded examples as the Trainer expects them."""
+    """Encoded examples as the Trainer expects them (dicts, so it can group them by length)."""
 
     def __init__(self, encoded: list[EncodedExample]):
         self.encoded = encoded
@@ -100,8 +104,25 @@ class ExampleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def __getitem__(self, i: int) -> EncodedExample:
-        return self.encoded[i]
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return features(self.encoded[i])
+
+
+class ReplyLossTrainer(Trainer):
+    """A Trainer whose loss is the reply tokens' NLL, with logits computed for the reply span only."""
+
+    # The loss below is already divided by the reply tokens of the whole accumulated batch.
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = True  # so the Trainer counts the reply tokens across accumulation steps
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Mean NLL per reply token (over the accumulated batch when the Trainer gives its token count)."""
+        nll, count = reply_loss(model, inputs)
+        loss = nll / max(int(num_items_in_batch) if num_items_in_batch is not None else count, 1)
+        return (loss, {}) if return_outputs else loss
 
 
 def plot_losses(log_history: list[dict], path: Path) -> None:
@@ -157,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     test_replies = [ex.reply for ex in test_examples]
     base_test = perplexity(chat, test_set, test_replies, progress=True)
 
-    config = peft_config(args.method, chat.model.config.model_type, args, resolve_base_model(args.base_model))
+    config = peft_config(args.method, chat.model.config.model_type, chat.model.config.num_hidden_layers, args,
+                         resolve_base_model(args.base_model))
     model = chat.model
     if config is not None:
         from peft import get_peft_model
@@ -189,10 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         data_seed=args.seed,
         report_to=[],
         remove_unused_columns=False,
+        prediction_loss_only=True,
+        train_sampling_strategy="group_by_length",  # less padding per batch
         disable_tqdm=False,
     )
     pad_id = chat.tokenizer.pad_token_id
-    trainer = Trainer(
+    trainer = ReplyLossTrainer(
         model=model,
         args=training_args,
         train_dataset=ExampleDataset(train_set),

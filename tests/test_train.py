@@ -13,7 +13,7 @@ from chatbot.data import load_examples
 from chatbot.models import attach_adapter, load_base_model
 from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example, prepare_tokenizer
 from chatbot.retriever import Retriever, build_index
-from chatbot.scoring import pad_batch
+from chatbot.scoring import features, pad_batch, reply_loss
 from tests.conftest import make_tiny_gpt2
 
 
@@ -41,7 +41,7 @@ def test_only_reply_tokens_count(gpt2_tokenizer, synthetic_data):
     assert enc.labels[: len(enc.input_ids) - len(reply_ids)] == [-100] * (len(enc.input_ids) - len(reply_ids))
     assert enc.input_ids[-len(reply_ids):] == reply_ids
     short = encode_example(tok, ex.history[:1], "Ok.")
-    batch = pad_batch([enc, short], tok.pad_token_id)
+    batch = pad_batch([features(enc), features(short)], tok.pad_token_id)
     pad = batch["attention_mask"] == 0
     assert pad.any() and (batch["labels"][pad] == -100).all()
     assert batch["input_ids"].shape == batch["labels"].shape
@@ -103,3 +103,17 @@ def test_resume_continues_to_the_same_result(tmp_path, tiny_model_dir, synthetic
     b = load_file(resumed / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_reply_loss_equals_the_models_own_loss_on_each_unpadded_example(gpt2_tokenizer, synthetic_data):
+    tok = prepare_tokenizer(gpt2_tokenizer)
+    model = make_tiny_gpt2(tok).eval()
+    encoded = [encode_example(tok, ex.history, ex.reply) for ex in load_examples(synthetic_data, "train")[:4]]
+    with torch.no_grad():
+        nll, count = reply_loss(model, pad_batch([features(e) for e in encoded], tok.pad_token_id))
+        expected = 0.0
+        for e in encoded:
+            n = sum(label != -100 for label in e.labels[1:])
+            expected += float(model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss) * n
+    assert count == sum(sum(label != -100 for label in e.labels[1:]) for e in encoded)
+    assert float(nll) == pytest.approx(expected, rel=1e-4)
