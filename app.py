@@ -16,11 +16,13 @@ from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from chatbot.bot import SYSTEMS, EmpatheticChatbot, Reply, normalize_message
+from chatbot.bot import MAX_MESSAGE_CHARS, SYSTEMS, EmpatheticChatbot, Reply, normalize_message
 from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, GenerationSettings
 from chatbot.retriever import build_from_data
-from chatbot.runtime import ASSETS_DIR, default_index_dir
+from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT, default_index_dir
 
 logger = logging.getLogger("app")
 
@@ -47,6 +49,11 @@ COMPARE_HEADERS = ["Message", "Left system", "Left reply", "Right system", "Righ
 MAX_API_HISTORY_MESSAGES = 40
 MAX_API_HISTORY_CHARS = 4000
 QUEUE_SIZE = 32
+# Every request body is capped: a message is cut to MAX_MESSAGE_CHARS anyway, and the page uploads no files.
+# 512 KiB leaves room for a full API history (40 x 4000 characters) and refuses a 1 MB message outright.
+MAX_REQUEST_BYTES = 512 * 1024
+# The message boxes stop at this many characters: longer pastes are cut in the browser (the bot keeps fewer).
+MAX_TYPED_CHARS = 10 * MAX_MESSAGE_CHARS
 CONCURRENCY_LIMIT = 2
 RETRIEVED_TITLE = "Retrieved dialogues (used for the latest reply)"
 COMPARE_RETRIEVED_TITLE = "Retrieved dialogues (what the retrieval side saw)"
@@ -405,6 +412,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None) ->
                         message = gr.Textbox(
                             placeholder="Type a message and press Enter…", show_label=False, scale=6,
                             lines=1, max_lines=6, autofocus=True, elem_id="message", container=False,
+                            max_length=MAX_TYPED_CHARS,
                         )
                         send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
                         stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
@@ -446,7 +454,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None) ->
             with gr.Row(equal_height=True):
                 compare_message = gr.Textbox(placeholder="A message to compare replies on…", show_label=False,
                                              scale=6, lines=1, max_lines=6, elem_id="compare-message",
-                                             container=False)
+                                             container=False, max_length=MAX_TYPED_CHARS)
                 compare_button = gr.Button("Compare", variant="primary", scale=1, min_width=100,
                                            elem_id="compare-button")
                 compare_stop = gr.Button("Stop", variant="stop", scale=1, min_width=80)
@@ -601,9 +609,59 @@ def models_markdown(info: dict) -> str:
 # ---------------------------------------------------------------------------------------------- start-up
 
 
+class BodySizeLimit:
+    """ASGI middleware that refuses request bodies over `max_bytes` with 413, before the app reads them."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_REQUEST_BYTES):
+        """Wrap `app`."""
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Check the declared length first; count the bytes of bodies sent without one."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            await self.refuse(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            # A chunked body that grows too large ends as if the client had gone away.
+            return {"type": "http.disconnect"} if seen > self.max_bytes else message
+
+        await self.app(scope, counted, send)
+
+    async def refuse(self, send: Send) -> None:
+        """Answer 413 with a JSON detail that says what the limit is."""
+        body = (f'{{"detail": "Request body too large: the limit is {self.max_bytes // 1024} KiB '
+                f'(messages are cut to {MAX_MESSAGE_CHARS} characters anyway)."}}').encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def blocked_paths() -> list[str]:
+    """Everything in the project except assets/: never served, even if GRADIO_ALLOWED_PATHS were set."""
+    return sorted(str(path) for path in PROJECT_ROOT.iterdir() if path.name != ASSETS_DIR.name)
+
+
 def launch_options() -> dict:
-    """Theme and style every launch uses (Gradio 6 takes them in `launch`, not in `Blocks`)."""
-    return {"theme": THEME, "css_paths": [CSS_PATH], "footer_links": ["api", "gradio"]}
+    """Theme, style and limits every launch uses (Gradio 6 takes them in `launch`, not in `Blocks`)."""
+    return {"theme": THEME, "css_paths": [CSS_PATH], "footer_links": ["api", "gradio"],
+            "max_file_size": MAX_REQUEST_BYTES, "blocked_paths": blocked_paths(),
+            "app_kwargs": {"middleware": [Middleware(BodySizeLimit, max_bytes=MAX_REQUEST_BYTES)]}}
+
+
+def launch_kwargs(args: argparse.Namespace) -> dict:
+    """All `demo.launch` arguments for the command-line flags."""
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    return {"server_name": args.host, "server_port": args.port, "share": args.share, "auth": auth,
+            **launch_options()}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -636,5 +694,4 @@ INDEX_BUILD = start_index_build(BOT)
 demo = build_demo(BOT, INDEX_BUILD)
 
 if __name__ == "__main__":
-    demo.launch(server_name=CLI.host, server_port=CLI.port, share=CLI.share,
-                auth=tuple(CLI.auth.split(":", 1)) if CLI.auth else None, **launch_options())
+    demo.launch(**launch_kwargs(CLI))

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from chatbot.bot import DEFAULT_K, SYSTEMS, EmpatheticChatbot
+from chatbot.bot import DEFAULT_K, SYSTEMS, EmpatheticChatbot, normalize_message
 from chatbot.data import LISTENER, SPEAKER, Turn
 from chatbot.generation import DEFAULT_PRESET, PRESETS
 from chatbot.models import DEFAULT_BASE_MODEL, ModelLoadError
@@ -30,7 +30,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="how many dialogues to retrieve")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--verbose", action="store_true", help="log loading details")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"--k must be at least 1, not {args.k}")
+    # Checked before the model loads: an empty one-shot message is a usage error, not a chat turn.
+    if args.message is not None and not normalize_message(args.message)[0]:
+        parser.error("the message is empty (after removing control characters and white space)")
+    return args
+
+
+def print_notes(notes: list[str]) -> None:
+    """Start-up and per-reply notes go to stderr, so `--json` output stays one JSON object."""
+    for note in notes:
+        print(f"[note] {note}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,15 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = PRESETS[args.preset]
     use_retrieval = not args.no_retrieval
+    print_notes(bot.notes)
     if args.message is not None:
         reply = bot.respond(args.message, use_retrieval=use_retrieval, settings=settings, system=args.system)
         if args.json:
             print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2))
         else:
+            print_notes(reply.notes)
             print(reply.text)
         return 0
-    for note in bot.notes:
-        print(f"[note] {note}")
+    if hasattr(sys.stdin, "reconfigure"):  # a pasted invalid UTF-8 byte shows as U+FFFD instead of ending the chat
+        sys.stdin.reconfigure(errors="replace")
     print("Tell me how you feel (empty line or Ctrl-D to quit).")
     history: list[Turn] = []
     while True:
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             shown = reply.text
         emotion = f" [{reply.emotion.label} {reply.emotion.score:.0%}]" if reply.emotion else ""
         print(f"{emotion}{' [crisis resources]' if reply.crisis else ''}")
+        print_notes(reply.notes)
         history += [Turn(SPEAKER, message), Turn(LISTENER, reply.text)]
     return 0
 

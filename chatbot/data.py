@@ -103,22 +103,39 @@ def download_release(target: Path, url: str = RELEASE_URL) -> Path:
     return target
 
 
+def _decode(raw: bytes, name: str) -> str:
+    """UTF-8 text; a stray invalid byte must not sink a 16 MB file, so it shows as U+FFFD (with a warning)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        logger.warning("%s is not valid UTF-8 (first bad byte at offset %d): invalid bytes are replaced by U+FFFD",
+                       name, err.start)
+        return raw.decode("utf-8", errors="replace")
+
+
 def _split_source(data_dir: Path, split: str) -> tuple[str, str]:
     """Return (text, name) of one split from a folder or a release archive."""
     if data_dir.is_file() and data_dir.name.endswith((".tar.gz", ".tgz")):
-        with tarfile.open(data_dir) as tar:
-            names = [n for n in tar.getnames() if n.endswith(f"/{split}.csv") or n == f"{split}.csv"]
-            if not names:
-                raise DataError(f"{data_dir} has no {split}.csv")
-            return tar.extractfile(names[0]).read().decode("utf-8", errors="replace"), f"{data_dir}:{names[0]}"
+        try:
+            with tarfile.open(data_dir) as tar:
+                names = [n for n in tar.getnames() if n.endswith(f"/{split}.csv") or n == f"{split}.csv"]
+                if not names:
+                    raise DataError(f"{data_dir} has no {split}.csv")
+                raw = tar.extractfile(names[0]).read()
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"{data_dir} is not a readable .tar.gz archive ({err}); download it again") from err
+        return _decode(raw, f"{data_dir}:{names[0]}"), f"{data_dir}:{names[0]}"
     path = data_dir / f"{split}.csv"
     if not path.exists():
         archives = sorted(data_dir.glob("*.tar.gz"))
         if archives:
             return _split_source(archives[0], split)
         raise DataError(f"{path} not found: pass --data-dir to a folder with {', '.join(s + '.csv' for s in SPLITS)}")
-    # errors="replace": a stray invalid byte must not sink a 16 MB file; it shows as U+FFFD.
-    return path.read_bytes().decode("utf-8", errors="replace"), str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"Cannot read {path}: {err}") from err
+    return _decode(raw, str(path)), str(path)
 
 
 def _parse_rows(text: str, name: str) -> Iterator[dict[str, str]]:

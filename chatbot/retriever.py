@@ -18,7 +18,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example, Turn, data_checksum, load_examples
-from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision
+from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision, load_embedder
 from chatbot.runtime import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
@@ -112,6 +112,7 @@ def build_index(
     if not examples:
         raise IndexLoadError("No examples to index")
     out_dir = Path(out_dir)
+    recover_interrupted_build(out_dir)
     started = time.perf_counter()
     records = _records(examples)
     vectors = embed(embedder, [r["context"] for r in records], batch_size=batch_size, progress=True)
@@ -137,11 +138,15 @@ def build_index(
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    faiss.write_index(index, str(tmp / INDEX_FILE))
-    with open(tmp / RECORDS_FILE, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    try:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        with open(tmp / RECORDS_FILE, "w", encoding="utf-8") as fh:
+            for record in records:
+                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    except BaseException:  # disk full, Ctrl-C...: the previous index stays as it was, with no debris beside it
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -151,19 +156,50 @@ def build_index(
     return manifest
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def recover_interrupted_build(out_dir: Path) -> None:
+    """Clear what a killed build left beside `out_dir`; put the previous index back if it died mid-swap."""
+    out_dir = Path(out_dir)
+    if not out_dir.parent.is_dir():
+        return
+    for debris in sorted(out_dir.parent.glob(f".{out_dir.name}.*-*")):
+        kind, _, pid = debris.name[len(out_dir.name) + 2:].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue  # not ours, or a build still running
+        if kind == "old" and not out_dir.exists():
+            logger.warning("Restoring the index a killed build had moved aside: %s -> %s", debris, out_dir)
+            os.replace(debris, out_dir)
+        else:
+            logger.info("Removing what a killed build left behind: %s", debris)
+            shutil.rmtree(debris, ignore_errors=True)
+
+
 def build_from_data(
     data_dir: str | os.PathLike | None,
     index_dir: Path,
-    embedder: SentenceTransformer,
+    embedder: SentenceTransformer | None = None,
     split: str = "train",
     index_type: str = "flat",
     limit: int | None = None,
     seed: int = DEFAULT_SEED,
     batch_size: int = 128,
 ) -> dict:
-    """Load a split's listener replies (downloading the data if needed) and build the index from them."""
+    """Load a split's listener replies (downloading the data if needed) and build the index from them.
+
+    Without an `embedder` the default one is loaded, after the data has been read (bad data fails fast).
+    """
     examples = load_examples(data_dir, split, limit=limit, seed=seed)
     checksum = data_checksum(data_dir, [split])
+    embedder = embedder if embedder is not None else load_embedder()
     return build_index(examples, embedder, index_dir, checksum, index_type, EMBEDDER_NAME, batch_size)
 
 

@@ -122,3 +122,23 @@ def embedder():
     from chatbot.embeddings import load_embedder
 
     return load_embedder(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer) -> Path:
+    """The tiny random GPT-2 saved as a model folder, usable wherever a base model name is."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_gpt2(gpt2_tokenizer).save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def synthetic_index(tmp_path_factory, synthetic_data, embedder) -> Path:
+    """A retrieval index over the synthetic train split."""
+    from chatbot.data import load_examples
+    from chatbot.retriever import build_index
+
+    out = tmp_path_factory.mktemp("synthetic-index") / "index"
+    build_index(load_examples(synthetic_data, "train"), embedder, out, "synthetic")
+    return out

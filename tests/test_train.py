@@ -12,24 +12,9 @@ from chatbot.contexts import example_contexts
 from chatbot.data import load_examples
 from chatbot.models import attach_adapter, load_base_model
 from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example, prepare_tokenizer
-from chatbot.retriever import Retriever, build_index
+from chatbot.retriever import Retriever
 from chatbot.scoring import features, pad_batch, reply_loss
 from tests.conftest import make_tiny_gpt2
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    make_tiny_gpt2(gpt2_tokenizer).save_pretrained(path)
-    gpt2_tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def synthetic_index(tmp_path_factory, synthetic_data, embedder):
-    out = tmp_path_factory.mktemp("train-index") / "index"
-    build_index(load_examples(synthetic_data, "train"), embedder, out, "synthetic")
-    return out
 
 
 def test_only_reply_tokens_count(gpt2_tokenizer, synthetic_data):

@@ -1,0 +1,500 @@
+"""Evaluate chatbot systems on the Empathetic Dialogues test split: perplexity, reply quality, emotion, retrieval.
+
+`python eval.py --limit 200` scores base, base+rag, tuned and tuned+rag on the same seeded sample of test
+listener replies and writes results.json, results.md, charts and samples.md to assets/results/.
+Per-system caches under <out>/cache/ let an interrupted run resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from chatbot import metrics
+from chatbot.bot import DEFAULT_K, EmpatheticChatbot
+from chatbot.contexts import example_contexts
+from chatbot.data import LISTENER, SPEAKER, DataError, Example, Turn, load_conversations, load_examples, sample
+from chatbot.embeddings import EMBEDDER_NAME, embed, load_embedder
+from chatbot.emotion import load_emotion_detector
+from chatbot.generation import PRESETS, GenerationSettings, preset
+from chatbot.models import (
+    DEFAULT_BASE_MODEL,
+    ModelLoadError,
+    default_adapter,
+    load_chat_model,
+    read_adapter_meta,
+)
+from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example
+from chatbot.retriever import QUERY_TURNS, IndexLoadError, Retriever, query_text
+from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, default_index_dir, set_seed
+from chatbot.scoring import perplexity
+
+logger = logging.getLogger("eval")
+DEFAULT_SYSTEMS = ("base", "base+rag", "tuned", "tuned+rag")
+RAG_SUFFIX = "+rag"
+CANDIDATES = 100  # P@1,100: the gold reply among 99 other test replies (Rashkin et al., 2019)
+CANDIDATE_POOL = 1000  # test replies the distractors are drawn from
+# Fixed prompts for samples.md: the original report's two messages, single turns and multi-turn dialogues.
+SAMPLE_PROMPTS: list[list[str]] = [
+    ["I had such a hard day at work today. Things keep piling up."],
+    ["My dog died today. I am so distraught."],
+    ["I finally got the job offer I was hoping for!"],
+    ["My best friend moved across the country and I really miss her."],
+    ["I heard strange noises downstairs last night and couldn't sleep."],
+    ["I forgot my mother's birthday and I feel terrible about it."],
+    ["My little brother beat me at chess for the first time."],
+    ["I have an exam tomorrow and I don't feel ready at all."],
+    ["Someone left a kind note on my car this morning."],
+    ["I'm so annoyed, my neighbour keeps parking in my spot."],
+    ["I tried a new recipe and it turned out great!"],
+    ["I'm nervous about meeting my partner's parents next week."],
+    ["I lost my wallet on the bus.", "Oh no, did you get it back?", "No, and my ID was in it."],
+    ["We adopted a kitten yesterday!", "That's lovely! What's her name?", "Mochi. She sleeps all day."],
+    ["My grandfather is in hospital.", "I'm sorry to hear that. How is he doing?",
+     "Better today, but the doctors are still worried."],
+    ["I got a promotion at work.", "Congratulations! You must be proud.", "I am, but I'm scared I won't be good at it."],
+    ["My car broke down on the highway.", "That sounds stressful. Were you alone?", "Yes, at night, in the rain."],
+    ["I ran my first marathon last weekend.", "Wow, how did it go?", "I finished, slowly, but I finished."],
+    ["My friend didn't invite me to her wedding.", "That must hurt. Do you know why?", "She said it was family only."],
+    ["I can't stop thinking about a mistake I made at work.", "What happened?",
+     "I sent a report with the wrong numbers to my boss."],
+]
+# Published figures printed beside ours; their protocols differ from ours (own splits, tokenizations, models).
+ANCHORS = [
+    {"system": "Rashkin et al. 2019, pretrained Transformer fine-tuned on ED", "perplexity": 21.24, "avg_bleu": 6.27,
+     "p_at_1_100": 65.92, "protocol": "their test split; PPL over their BPE tokens; AVG BLEU = mean of BLEU-1..4; "
+     "P@1,100 with a BERT retriever"},
+    {"system": "MoEL (Lin et al., 2019)", "word_perplexity": 36.81, "emotion_accuracy": 31.02, "bleu4": 2.73,
+     "protocol": "own ED split; word-level PPL; emotion from the full dialogue context (32 classes)"},
+    {"system": "CEM (Sabour et al., 2022)", "distinct_1": 0.66, "distinct_2": 2.99,
+     "protocol": "own ED split; Distinct-n over its test replies"},
+    {"system": "GPT-2 117M fine-tuned (TransferTransfo, as reported in DiffusEmp)", "distinct_1": 2.81,
+     "distinct_2": 17.22, "bertscore": 0.5634, "protocol": "DiffusEmp's ED split and tokenization"},
+]
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """One evaluated system: a base model, an optional adapter and whether retrieval is on."""
+
+    label: str
+    base_model: str
+    adapter: Path | None
+    use_retrieval: bool
+
+    @property
+    def slug(self) -> str:
+        """A file-name-safe version of the label, for cache folders."""
+        return "".join(c if c.isalnum() or c in "+-_" else "_" for c in self.label)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (every one documented in --help)."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
+                   help="base, base+rag, tuned, tuned+rag, or any base model name (gpt2, distilgpt2, a folder), "
+                        "optionally with +rag")
+    p.add_argument("--adapters", nargs="+", default=None,
+                   help="adapter folders the tuned systems use (default: the shipped one); several allowed")
+    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="the model behind 'base' systems")
+    p.add_argument("--limit", type=int, default=200,
+                   help="seeded sample of test listener replies (0 = every one of the test split)")
+    p.add_argument("--settings", default="greedy", choices=sorted(PRESETS),
+                   help="generation preset, the same for every system")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="retrieved dialogues per prompt for +rag systems")
+    p.add_argument("--data-dir", default=None, help="folder with the ED splits (default: $ED_DATA_DIR, data/)")
+    p.add_argument("--index-dir", default=None, help="train-split index (default: $ED_INDEX_DIR or data/index/)")
+    p.add_argument("--out", default=str(ASSETS_DIR / "results"), help="where results and caches go")
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the sample and the distractors")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS),
+                   help=f"fixed prompts replied to in samples.md (0 = no samples.md; at most {len(SAMPLE_PROMPTS)})")
+    args = p.parse_args(argv)
+    if args.limit < 0:
+        p.error("--limit must be 0 (all) or a positive number")
+    if args.k < 1:
+        p.error("--k must be at least 1")
+    return args
+
+
+def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: str) -> list[SystemSpec]:
+    """System specs for names like base, tuned+rag or gpt2; tuned systems expand to one per adapter."""
+    specs = []
+    for name in names:
+        model, rag = (name[: -len(RAG_SUFFIX)], True) if name.endswith(RAG_SUFFIX) else (name, False)
+        if model == "tuned":
+            if not adapters:
+                raise ModelLoadError("A tuned system needs an adapter: none is shipped yet; pass --adapters "
+                                     "(train one with train.py)")
+            for adapter in adapters:
+                label = "tuned" if len(adapters) == 1 else f"tuned[{adapter.name}]"
+                specs.append(SystemSpec(label + (RAG_SUFFIX if rag else ""), read_adapter_meta(adapter)["base_model"],
+                                        adapter, rag))
+        else:
+            specs.append(SystemSpec(name, base_model if model == "base" else model, None, rag))
+    return specs
+
+
+def protocol_key(spec: SystemSpec, args: argparse.Namespace, settings: GenerationSettings) -> str:
+    """What a cached result depends on; a different key discards the cache."""
+    adapter = ""
+    if spec.adapter:
+        adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
+    key = [spec.label, spec.base_model, adapter, spec.use_retrieval, args.limit, args.seed, args.k,
+           settings.to_dict(), PROMPT_FORMAT_VERSION]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class SystemCache:
+    """Per-system results on disk: perplexity once, replies one line per example, so a rerun resumes."""
+
+    def __init__(self, folder: Path, key: str):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        key_file = folder / "protocol.key"
+        if not key_file.exists() or key_file.read_text() != key:
+            for stale in folder.glob("*.json*"):
+                stale.unlink()
+            key_file.write_text(key)
+
+    def load_perplexity(self) -> dict | None:
+        """The cached perplexity record, if any."""
+        path = self.folder / "perplexity.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_perplexity(self, record: dict) -> None:
+        """Store the perplexity record."""
+        (self.folder / "perplexity.json").write_text(json.dumps(record))
+
+    def replies(self) -> dict[int, dict]:
+        """Cached generated replies by example index (a torn last line from a kill is ignored)."""
+        path, done = self.folder / "replies.jsonl", {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                done[row["i"]] = row
+        return done
+
+    def add_reply(self, row: dict) -> None:
+        """Append one generated reply."""
+        with (self.folder / "replies.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def score_system(
+    spec: SystemSpec,
+    bot: EmpatheticChatbot,
+    examples: Sequence[Example],
+    settings: GenerationSettings,
+    cache: SystemCache,
+    embedder,
+    gold_vectors: np.ndarray,
+) -> dict:
+    """Perplexity of the gold replies, then generated replies and their quality metrics."""
+    ppl = cache.load_perplexity()
+    if ppl is None:
+        contexts = example_contexts(examples, embedder, bot.retriever if spec.use_retrieval else None, bot.emotion, bot.k)
+        encoded = [encode_example(bot.chat.tokenizer, ex.history, ex.reply, c.references, c.emotion)
+                   for ex, c in zip(examples, contexts)]
+        ppl = perplexity(bot.chat, encoded, [ex.reply for ex in examples], progress=True)
+        cache.save_perplexity(ppl)
+    done = cache.replies()
+    for i, ex in enumerate(tqdm(examples, desc=f"replies {spec.label}")):
+        if i in done:
+            continue
+        started = time.perf_counter()
+        reply = bot.respond(ex.history[-1].text, ex.history[:-1], use_retrieval=spec.use_retrieval, settings=settings)
+        done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": time.perf_counter() - started}
+        cache.add_reply(done[i])
+    rows = [done[i] for i in range(len(examples))]
+    replies, golds = [r["reply"] for r in rows], [ex.reply for ex in examples]
+    model_rows = [r for r in rows if r["kind"] == "model"]
+    similarity = np.sum(embed(embedder, replies) * gold_vectors, axis=1) if replies else np.zeros(0)
+    share = 100.0 / max(len(rows), 1)
+    return {
+        "perplexity": ppl["perplexity"],
+        "word_perplexity": ppl["word_perplexity"],
+        "perplexity_detail": ppl,
+        "bleu4": metrics.corpus_bleu(replies, golds),
+        "avg_bleu": float(np.mean([metrics.corpus_bleu(replies, golds, n) for n in range(1, 5)])),
+        "avg_sentence_bleu": metrics.average_sentence_bleu(replies, golds),
+        "rouge_l": metrics.rouge_l(replies, golds),
+        "distinct_1": metrics.distinct_n(replies, 1),
+        "distinct_2": metrics.distinct_n(replies, 2),
+        "mean_length": metrics.mean_length(replies),
+        "semantic_similarity": float(similarity.mean()) if len(similarity) else 0.0,
+        "repeat_3gram_pct": share * sum(metrics.repeats_ngram(r) for r in replies),
+        "echo_pct": share * sum(metrics.is_echo(r, [t.text for t in ex.history]) for r, ex in zip(replies, examples)),
+        "empty_pct": share * sum(not r.strip() for r in replies),
+        "replaced_pct": share * (len(rows) - len(model_rows)),
+        "seconds_per_reply": float(np.median([r["seconds"] for r in rows])) if rows else 0.0,
+        "replies": len(rows),
+    }
+
+
+def emotion_accuracy(bot: EmpatheticChatbot, data_dir: str | None) -> dict:
+    """Detected vs gold emotion on every labelled test conversation: first speaker turn, and the whole dialogue."""
+    conversations = [c for c in load_conversations(data_dir, "test") if c.emotion]
+    gold = [c.emotion for c in conversations]
+    first = [p.label for p in bot.emotion.predict_many([c.turns[0].text for c in conversations])]
+    whole = [p.label for p in bot.emotion.predict_many(["\n".join(t.text for t in c.turns) for c in conversations])]
+    return {
+        "conversations": len(conversations),
+        "first_turn_accuracy": 100.0 * float(np.mean([p == g for p, g in zip(first, gold)])),
+        "full_dialogue_accuracy": 100.0 * float(np.mean([p == g for p, g in zip(whole, gold)])),
+    }
+
+
+def retrieval_quality(
+    retriever: Retriever, embedder, examples: Sequence[Example], gold_vectors: np.ndarray, data_dir: str | None,
+    seed: int,
+) -> dict:
+    """Emotion agreement of retrieved dialogues, and P@1,100: the gold reply ranked among test-split distractors."""
+    query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
+    hits = retriever.search_vectors(query_vectors, 5)
+    gold = [ex.emotion for ex in examples]
+    labels = [[h.emotion for h in row] for row in hits]
+    pool = sample(load_examples(data_dir, "test"), CANDIDATE_POOL, seed + 1)
+    pool_vectors = embed(embedder, [ex.reply for ex in pool])
+    rng = np.random.default_rng(seed)
+    candidates = min(CANDIDATES, len(pool) + 1)
+    scores = []
+    for ex, query, gold_vector in zip(examples, query_vectors, gold_vectors):
+        others = [i for i, other in enumerate(pool) if other.conv_id != ex.conv_id]
+        chosen = rng.choice(others, size=min(candidates - 1, len(others)), replace=False)
+        scores.append(np.concatenate([[query @ gold_vector], pool_vectors[chosen] @ query]))
+    width = min((len(s) for s in scores), default=0)
+    return {
+        "queries": len(examples),
+        "top1_emotion_agreement": metrics.label_agreement(gold, labels, 1),
+        "top5_emotion_agreement": metrics.label_agreement(gold, labels, 5),
+        "p_at_1": metrics.precision_at_1(np.array([s[:width] for s in scores])),
+        "candidates": width,
+    }
+
+
+def sample_replies(
+    bots: dict[str, tuple[SystemSpec, EmpatheticChatbot]], settings: GenerationSettings, count: int
+) -> list[dict]:
+    """Every system's reply to each of the first `count` fixed prompts."""
+    rows = []
+    for turns in tqdm(SAMPLE_PROMPTS[:count], desc="samples"):
+        history = [Turn(SPEAKER if i % 2 == 0 else LISTENER, t) for i, t in enumerate(turns[:-1])]
+        replies = {label: bot.respond(turns[-1], history, use_retrieval=spec.use_retrieval, settings=settings).text
+                   for label, (spec, bot) in bots.items()}
+        rows.append({"dialogue": turns, "replies": replies})
+    return rows
+
+
+def fmt(value: object, digits: int = 2) -> str:
+    """A table cell: numbers rounded, missing values as a dash."""
+    if value is None:
+        return "–"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """results.md: one table per metric family, our systems first, published anchors after them."""
+    systems, proto = results["systems"], results["protocol"]
+    anchor_rows = results["anchors"]
+
+    def table(columns: list[tuple[str, str]], digits_note: str = "") -> str:
+        rows = [[label] + [m.get(key) for key, _ in columns] + ["ours"] for label, m in systems.items()]
+        rows += [[a["system"]] + [a.get(key) for key, _ in columns] + [a["protocol"]] for a in anchor_rows
+                 if any(key in a for key, _ in columns)]
+        return markdown_table(["system"] + [name for _, name in columns] + ["protocol"], rows) + digits_note
+
+    parts = [
+        "# Evaluation results",
+        f"Sample: {proto['sample']}. Generation: {proto['settings_name']} preset, the same for every system. "
+        f"Retrieval (+rag): k={proto['k']} train-split dialogues. Run {results['date']} on {results['machine']}; "
+        f"command: `{proto['command']}`.",
+        "## Perplexity of the gold listener reply",
+        proto["perplexity"],
+        table([("perplexity", "PPL (model tokens)"), ("word_perplexity", "PPL (per word)")]),
+        "## Generated replies",
+        proto["generation"],
+        table([("bleu4", "BLEU-4"), ("avg_bleu", "AVG BLEU 1-4"), ("avg_sentence_bleu", "sentence BLEU"),
+               ("rouge_l", "ROUGE-L"), ("distinct_1", "Distinct-1"), ("distinct_2", "Distinct-2"),
+               ("mean_length", "words"), ("semantic_similarity", "MiniLM cos"), ("bertscore", "BERTScore")]),
+        "## Failure rates and speed",
+        table([("echo_pct", "echo %"), ("repeat_3gram_pct", "repeats a 3-gram %"), ("empty_pct", "empty %"),
+               ("replaced_pct", "replaced by the safety screen %"), ("seconds_per_reply", "s / reply (median)")]),
+        "## Emotion detection and retrieval (once per run)",
+        proto["emotion"],
+        markdown_table(["measure", "ours", "anchor"], [
+            ["emotion accuracy, first speaker turn", results["emotion"]["first_turn_accuracy"], "–"],
+            ["emotion accuracy, full dialogue", results["emotion"]["full_dialogue_accuracy"],
+             "MoEL 31.02 (own split, full context)"],
+            ["retrieved top-1 emotion agreement", results["retrieval"].get("top1_emotion_agreement"), "–"],
+            ["retrieved top-5 emotion agreement", results["retrieval"].get("top5_emotion_agreement"), "–"],
+            [f"P@1,{results['retrieval'].get('candidates', CANDIDATES)} (MiniLM bi-encoder)",
+             results["retrieval"].get("p_at_1"), "Rashkin et al. BERT 65.92"],
+        ]),
+        proto["retrieval"],
+    ]
+    return "\n\n".join(parts) + "\n"
+
+
+def samples_markdown(rows: list[dict]) -> str:
+    """samples.md: each fixed prompt with every system's reply."""
+    parts = ["# Sample replies", "Fixed prompts (the original report's two messages first), greedy decoding."]
+    for n, row in enumerate(rows, 1):
+        dialogue = "\n".join(f"> **{'Speaker' if i % 2 == 0 else 'Listener'}:** {t}" for i, t in enumerate(row["dialogue"]))
+        replies = "\n".join(f"- **{label}:** {text or '(empty)'}" for label, text in row["replies"].items())
+        parts.append(f"## {n}\n\n{dialogue}\n\n{replies}")
+    return "\n\n".join(parts) + "\n"
+
+
+def plot_results(systems: dict[str, dict], out: Path) -> list[Path]:
+    """Bar charts: perplexity per system, and Distinct-2 / BLEU-4 / ROUGE-L per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(systems)
+    paths = []
+    for name, keys, ylabel in [("perplexity", ["perplexity", "word_perplexity"], "perplexity (lower is better)"),
+                               ("generation", ["distinct_2", "bleu4", "rouge_l"], "score x100")]:
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
+        width = 0.8 / len(keys)
+        for j, key in enumerate(keys):
+            values = [systems[label][key] for label in labels]
+            bars = ax.bar(np.arange(len(labels)) + j * width, values, width, label=key.replace("_", " "))
+            ax.bar_label(bars, fmt="%.1f", fontsize=8)
+        ax.set_xticks(np.arange(len(labels)) + width * (len(keys) - 1) / 2, labels)
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / f"{name}.png")
+        fig.savefig(paths[-1], dpi=110)
+        plt.close(fig)
+    return paths
+
+
+def versions() -> dict[str, str]:
+    """Library versions that can change the numbers."""
+    import importlib.metadata as md
+
+    names = ["torch", "transformers", "peft", "sentence-transformers", "faiss-cpu", "sacrebleu", "rouge-score"]
+    found = {}
+    for name in names:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            continue
+    return dict(found, python=platform.python_version())
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Score every requested system and write results.json, results.md, charts and samples.md."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    set_seed(args.seed)
+    started = time.perf_counter()
+    settings = preset(args.settings)
+    out = Path(args.out)
+    try:
+        adapters = [Path(a) for a in args.adapters] if args.adapters else [a for a in [default_adapter()] if a]
+        specs = parse_systems(args.systems, adapters, args.base_model)
+        examples = load_examples(args.data_dir, "test", args.limit or None, args.seed)
+        embedder = load_embedder(device=args.device)
+        needs_index = any(s.use_retrieval for s in specs)
+        retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
+            if needs_index else None
+        emotion = load_emotion_detector(embedder)
+        models = {(s.base_model, s.adapter): load_chat_model(s.base_model, s.adapter, args.device) for s in specs}
+    except (DataError, ModelLoadError, IndexLoadError, OSError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if emotion is None:
+        print("error: the emotion classifier (assets/emotion) is missing", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    bots = {s.label: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
+                                           embedder=embedder)) for s in specs}
+    gold_vectors = embed(embedder, [ex.reply for ex in examples])
+    systems = {}
+    for label, (spec, bot) in bots.items():
+        cache = SystemCache(out / "cache" / spec.slug, protocol_key(spec, args, settings))
+        systems[label] = score_system(spec, bot, examples, settings, cache, embedder, gold_vectors)
+        logger.info("%s: %s", label, {k: round(v, 2) for k, v in systems[label].items() if isinstance(v, float)})
+    any_bot = next(iter(bots.values()))[1]
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {any_bot.chat.model.device}",
+        "sample_size": len(examples),
+        "protocol": {
+            "command": "python eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "sample": f"{len(examples)} listener replies drawn at random (seed {args.seed}) from the official "
+                      f"test split" + ("" if args.limit else " (all of them)"),
+            "settings_name": args.settings,
+            "settings": settings.to_dict(),
+            "k": args.k,
+            "perplexity": "NLL of the gold listener reply and its end-of-turn token given the dialogue history, in "
+                          "the chatbot's prompt format (with the detected emotion; +rag: with the top-k train "
+                          "dialogues). Token PPL = exp(NLL / model tokens); word PPL = exp(NLL / whitespace words of "
+                          "the gold reply).",
+            "generation": "Replies from EmpatheticChatbot.respond (crisis screen off, reply screen on) against the "
+                          "gold reply. BLEU: sacrebleu, 13a tokenization, one reference; AVG BLEU = mean of corpus "
+                          "BLEU-1..4; sentence BLEU with exponential smoothing. ROUGE-L: rouge_score F1 with "
+                          "stemming. Distinct-n, lengths, 3-gram repeats and echoes: lowercased regex words and "
+                          "punctuation (chatbot/metrics.py), Distinct-n over all generated n-grams x100. Echo: the "
+                          "reply's words appear in the dialogue as they are, or at least 80% of its word 3-grams do. "
+                          "MiniLM cos: all-MiniLM-L6-v2 cosine between reply and gold. BERTScore: not computed "
+                          "(needs a RoBERTa-large download).",
+            "emotion": "Emotion detector (assets/emotion) on every labelled test conversation: its first speaker "
+                       "turn, and the whole dialogue joined (MiniLM reads the first 128 tokens), against the "
+                       "conversation's gold label (32 classes).",
+            "retrieval": f"Retrieval over the train index for the sampled test histories (last {QUERY_TURNS} turns): share of "
+                         "the top-1 / top-5 retrieved dialogues whose emotion label equals the gold one. P@1,N: "
+                         "MiniLM cosine between the history and each candidate reply; candidates = the gold reply "
+                         f"and N-1 replies drawn (seeded) from {CANDIDATE_POOL} other test-split replies of other "
+                         "conversations; a hit when the gold scores strictly highest.",
+            "embedder": EMBEDDER_NAME,
+            "prompt_format": PROMPT_FORMAT_VERSION,
+            "adapters": {str(a): read_adapter_meta(a).get("metrics", {}).get("protocol") for a in adapters},
+        },
+        "versions": versions(),
+        "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
+        "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
+        "emotion": emotion_accuracy(any_bot, args.data_dir),
+        "retrieval": retrieval_quality(retriever, embedder, examples, gold_vectors, args.data_dir, args.seed)
+        if retriever else {},
+        "anchors": ANCHORS,
+    }
+    if args.samples > 0:
+        (out / "samples.md").write_text(samples_markdown(sample_replies(bots, settings, args.samples)))
+    plot_results(results["systems"], out)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_markdown(results))
+    print(results_markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

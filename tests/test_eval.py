@@ -1,0 +1,76 @@
+"""eval.py end to end on the tiny random GPT-2 and the synthetic data: every output file, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import eval as evaluation
+from chatbot.models import load_base_model, save_adapter
+
+
+@pytest.fixture(scope="module")
+def tiny_adapter(tmp_path_factory, tiny_model_dir):
+    from peft import LoraConfig, get_peft_model
+
+    chat = load_base_model(str(tiny_model_dir), device="cpu")
+    model = get_peft_model(chat.model, LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                  task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("adapter") / "lora-tiny"
+    save_adapter(model, chat.tokenizer, out, str(tiny_model_dir), {"method": "lora"}, {"protocol": "none"})
+    return out
+
+
+def run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, *extra):
+    return evaluation.main([
+        "--systems", "base", "base+rag", "tuned", "tuned+rag", "--adapters", str(tiny_adapter),
+        "--base-model", str(tiny_model_dir), "--limit", "3", "--data-dir", str(synthetic_data),
+        "--index-dir", str(synthetic_index), "--out", str(tmp_path / "results"), "--device", "cpu", "--samples", "2",
+        *extra,
+    ])
+
+
+def test_three_examples_produce_every_output(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index):
+    assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index) == 0
+    out = tmp_path / "results"
+    for name in ("results.json", "results.md", "samples.md", "perplexity.png", "generation.png"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert results["sample_size"] == 3
+    assert set(results["systems"]) == {"base", "base+rag", "tuned", "tuned+rag"}
+    for scores in results["systems"].values():
+        assert scores["replies"] == 3 and scores["perplexity"] > 1
+        assert {"bleu4", "rouge_l", "distinct_1", "distinct_2", "echo_pct", "semantic_similarity"} <= set(scores)
+    assert 0 <= results["emotion"]["first_turn_accuracy"] <= 100
+    assert results["retrieval"]["queries"] == 3 and results["retrieval"]["candidates"] > 1
+    markdown = (out / "results.md").read_text()
+    assert "Rashkin et al. 2019" in markdown and "MoEL" in markdown
+    samples = (out / "samples.md").read_text()
+    assert samples.count("**tuned+rag:**") == 2
+    assert "I had such a hard day at work today." in samples
+
+    # A second run resumes from the caches: no reply is generated again.
+    cached = (out / "cache" / "tuned+rag" / "replies.jsonl").read_text()
+    assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, "--samples", "0") == 0
+    assert (out / "cache" / "tuned+rag" / "replies.jsonl").read_text() == cached
+
+
+@pytest.mark.parametrize("extra, code", [
+    (["--adapters", "/no/such/adapter"], 2),
+    (["--systems", "{tmp}/not-a-model"], 2),
+    (["--data-dir", "/no/such/data"], 2),
+])
+def test_bad_inputs_exit_with_a_message(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index,
+                                         capsys, extra, code):
+    (tmp_path / "not-a-model").mkdir()
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
+    assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, *extra) == code
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "results" / "results.json").exists()
+
+
+def test_negative_limit_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main(["--limit", "-1"])
+    assert exit_info.value.code == 2
