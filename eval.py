@@ -96,8 +96,9 @@ class SystemSpec:
 
     @property
     def slug(self) -> str:
-        """A file-name-safe version of the label, for cache folders."""
-        return "".join(c if c.isalnum() or c in "+-_" else "_" for c in self.label)
+        """A file-name-safe cache folder name; named after the adapter, so runs with other adapters reuse it."""
+        name = f"tuned-{self.adapter.name}" if self.adapter else self.label.removesuffix(RAG_SUFFIX)
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + (RAG_SUFFIX if self.use_retrieval else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default=str(ASSETS_DIR / "results"), help="where results and caches go")
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the sample and the distractors")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
+    p.add_argument("--perplexity-only", action="store_true",
+                   help="score only the gold replies' perplexity (no generation, emotion or retrieval measures)")
+    p.add_argument("--cache-dir", default=None, help="per-system caches (default: <out>/cache); runs may share one")
     p.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS),
                    help=f"fixed prompts replied to in samples.md (0 = no samples.md; at most {len(SAMPLE_PROMPTS)})")
     args = p.parse_args(argv)
@@ -152,7 +156,7 @@ def protocol_key(spec: SystemSpec, args: argparse.Namespace, settings: Generatio
     adapter = ""
     if spec.adapter:
         adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
-    key = [spec.label, spec.base_model, adapter, spec.use_retrieval, args.limit, args.seed, args.k,
+    key = [spec.base_model, adapter, spec.use_retrieval, args.limit, args.seed, args.k,
            settings.to_dict(), PROMPT_FORMAT_VERSION]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -203,9 +207,9 @@ def score_system(
     settings: GenerationSettings,
     cache: SystemCache,
     embedder,
-    gold_vectors: np.ndarray,
+    gold_vectors: np.ndarray | None,
 ) -> dict:
-    """Perplexity of the gold replies, then generated replies and their quality metrics."""
+    """Perplexity of the gold replies, then (given gold vectors) generated replies and their quality metrics."""
     ppl = cache.load_perplexity()
     if ppl is None:
         contexts = example_contexts(examples, embedder, bot.retriever if spec.use_retrieval else None, bot.emotion, bot.k)
@@ -213,6 +217,9 @@ def score_system(
                    for ex, c in zip(examples, contexts)]
         ppl = perplexity(bot.chat, encoded, [ex.reply for ex in examples], progress=True)
         cache.save_perplexity(ppl)
+    scores = {"perplexity": ppl["perplexity"], "word_perplexity": ppl["word_perplexity"], "perplexity_detail": ppl}
+    if gold_vectors is None:
+        return scores
     done = cache.replies()
     for i, ex in enumerate(tqdm(examples, desc=f"replies {spec.label}")):
         if i in done:
@@ -227,9 +234,7 @@ def score_system(
     similarity = np.sum(embed(embedder, replies) * gold_vectors, axis=1) if replies else np.zeros(0)
     share = 100.0 / max(len(rows), 1)
     return {
-        "perplexity": ppl["perplexity"],
-        "word_perplexity": ppl["word_perplexity"],
-        "perplexity_detail": ppl,
+        **scores,
         "bleu4": metrics.corpus_bleu(replies, golds),
         "avg_bleu": float(np.mean([metrics.corpus_bleu(replies, golds, n) for n in range(1, 5)])),
         "avg_sentence_bleu": metrics.average_sentence_bleu(replies, golds),
@@ -317,14 +322,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 
 def results_markdown(results: dict) -> str:
     """results.md: one table per metric family, our systems first, published anchors after them."""
-    systems, proto = results["systems"], results["protocol"]
-    anchor_rows = results["anchors"]
+    systems, proto, anchors = results["systems"], results["protocol"], results["anchors"]
 
-    def table(columns: list[tuple[str, str]], digits_note: str = "") -> str:
+    def table(columns: list[tuple[str, str]]) -> str:
         rows = [[label] + [m.get(key) for key, _ in columns] + ["ours"] for label, m in systems.items()]
-        rows += [[a["system"]] + [a.get(key) for key, _ in columns] + [a["protocol"]] for a in anchor_rows
+        rows += [[a["system"]] + [a.get(key) for key, _ in columns] + [a["protocol"]] for a in anchors
                  if any(key in a for key, _ in columns)]
-        return markdown_table(["system"] + [name for _, name in columns] + ["protocol"], rows) + digits_note
+        return markdown_table(["system"] + [name for _, name in columns] + ["protocol"], rows)
 
     parts = [
         "# Evaluation results",
@@ -334,6 +338,11 @@ def results_markdown(results: dict) -> str:
         "## Perplexity of the gold listener reply",
         proto["perplexity"],
         table([("perplexity", "PPL (model tokens)"), ("word_perplexity", "PPL (per word)")]),
+    ]
+    if not results["emotion"]:  # a --perplexity-only run
+        return "\n\n".join(parts) + "\n"
+    emotion, retrieval = results["emotion"], results["retrieval"]
+    parts += [
         "## Generated replies",
         proto["generation"],
         table([("bleu4", "BLEU-4"), ("avg_bleu", "AVG BLEU 1-4"), ("avg_sentence_bleu", "sentence BLEU"),
@@ -345,13 +354,12 @@ def results_markdown(results: dict) -> str:
         "## Emotion detection and retrieval (once per run)",
         proto["emotion"],
         markdown_table(["measure", "ours", "anchor"], [
-            ["emotion accuracy, first speaker turn", results["emotion"]["first_turn_accuracy"], "–"],
-            ["emotion accuracy, full dialogue", results["emotion"]["full_dialogue_accuracy"],
-             "MoEL 31.02 (own split, full context)"],
-            ["retrieved top-1 emotion agreement", results["retrieval"].get("top1_emotion_agreement"), "–"],
-            ["retrieved top-5 emotion agreement", results["retrieval"].get("top5_emotion_agreement"), "–"],
-            [f"P@1,{results['retrieval'].get('candidates', CANDIDATES)} (MiniLM bi-encoder)",
-             results["retrieval"].get("p_at_1"), "Rashkin et al. BERT 65.92"],
+            ["emotion accuracy, first speaker turn", emotion["first_turn_accuracy"], "–"],
+            ["emotion accuracy, full dialogue", emotion["full_dialogue_accuracy"], "MoEL 31.02 (own split, full context)"],
+            ["retrieved top-1 emotion agreement", retrieval.get("top1_emotion_agreement"), "–"],
+            ["retrieved top-5 emotion agreement", retrieval.get("top5_emotion_agreement"), "–"],
+            [f"P@1,{retrieval.get('candidates', CANDIDATES)} (MiniLM bi-encoder)", retrieval.get("p_at_1"),
+             "Rashkin et al. BERT 65.92"],
         ]),
         proto["retrieval"],
     ]
@@ -368,8 +376,8 @@ def samples_markdown(rows: list[dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def plot_results(systems: dict[str, dict], out: Path) -> list[Path]:
-    """Bar charts: perplexity per system, and Distinct-2 / BLEU-4 / ROUGE-L per system."""
+def plot_results(systems: dict[str, dict], out: Path, perplexity_only: bool = False) -> list[Path]:
+    """Bar charts: perplexity per system, and (unless perplexity only) Distinct-2 / BLEU-4 / ROUGE-L per system."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -377,8 +385,9 @@ def plot_results(systems: dict[str, dict], out: Path) -> list[Path]:
 
     labels = list(systems)
     paths = []
-    for name, keys, ylabel in [("perplexity", ["perplexity", "word_perplexity"], "perplexity (lower is better)"),
-                               ("generation", ["distinct_2", "bleu4", "rouge_l"], "score x100")]:
+    charts = [("perplexity", ["perplexity", "word_perplexity"], "perplexity (lower is better)"),
+              ("generation", ["distinct_2", "bleu4", "rouge_l"], "score x100")]
+    for name, keys, ylabel in charts[:1] if perplexity_only else charts:
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(labels)), 4))
         width = 0.8 / len(keys)
         for j, key in enumerate(keys):
@@ -436,10 +445,11 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bots = {s.label: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
                                            embedder=embedder)) for s in specs}
-    gold_vectors = embed(embedder, [ex.reply for ex in examples])
+    gold_vectors = None if args.perplexity_only else embed(embedder, [ex.reply for ex in examples])
+    cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     systems = {}
     for label, (spec, bot) in bots.items():
-        cache = SystemCache(out / "cache" / spec.slug, protocol_key(spec, args, settings))
+        cache = SystemCache(cache_dir / spec.slug, protocol_key(spec, args, settings))
         systems[label] = score_system(spec, bot, examples, settings, cache, embedder, gold_vectors)
         logger.info("%s: %s", label, {k: round(v, 2) for k, v in systems[label].items() if isinstance(v, float)})
     any_bot = next(iter(bots.values()))[1]
@@ -481,14 +491,14 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
         "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
-        "emotion": emotion_accuracy(any_bot, args.data_dir),
+        "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, args.data_dir),
         "retrieval": retrieval_quality(retriever, embedder, examples, gold_vectors, args.data_dir, args.seed)
-        if retriever else {},
+        if retriever and not args.perplexity_only else {},
         "anchors": ANCHORS,
     }
-    if args.samples > 0:
+    if args.samples > 0 and not args.perplexity_only:
         (out / "samples.md").write_text(samples_markdown(sample_replies(bots, settings, args.samples)))
-    plot_results(results["systems"], out)
+    plot_results(results["systems"], out, perplexity_only=args.perplexity_only)
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_markdown(results))

@@ -51,9 +51,18 @@ def test_three_examples_produce_every_output(tmp_path, tiny_model_dir, tiny_adap
     assert "I had such a hard day at work today." in samples
 
     # A second run resumes from the caches: no reply is generated again.
-    cached = (out / "cache" / "tuned+rag" / "replies.jsonl").read_text()
+    cached = (out / "cache" / "tuned-lora-tiny+rag" / "replies.jsonl").read_text()
     assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, "--samples", "0") == 0
-    assert (out / "cache" / "tuned+rag" / "replies.jsonl").read_text() == cached
+    assert (out / "cache" / "tuned-lora-tiny+rag" / "replies.jsonl").read_text() == cached
+
+    # A perplexity-only run elsewhere, sharing the caches, reports perplexity and nothing generated.
+    other = tmp_path / "perplexity"
+    assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, "--perplexity-only",
+                    "--out", str(other), "--cache-dir", str(out / "cache")) == 0
+    only = json.loads((other / "results.json").read_text())
+    assert only["systems"]["tuned+rag"]["perplexity"] == results["systems"]["tuned+rag"]["perplexity"]
+    assert "bleu4" not in only["systems"]["base"] and not (other / "samples.md").exists()
+    assert "Generated replies" not in (other / "results.md").read_text()
 
 
 @pytest.mark.parametrize("extra, code", [
