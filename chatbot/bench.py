@@ -1,19 +1,47 @@
-"""`python -m chatbot.bench`: measure retrieval query latency and reply latency on this machine."""
+"""`python -m chatbot.bench`: one command that times the whole stack on this machine and writes the results.
+
+Writes assets/results/bench.json and bench.md (medians and p95 after a warm-up): model load (first start with
+the GGUF conversion, and a cached start), time to first token and decode speed for a fixed prompt (greedy,
+64 new tokens) next to plain fp32 `model.generate` as the baseline, full reply latency with and without
+retrieval, retrieval query latency, index build throughput, app start-up, Compare vs one reply, a load test
+through the app's API, and the int8 copy's held-out perplexity next to fp32. Run it on an otherwise idle
+machine: other work on the CPU makes every figure meaningless.
+"""
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import torch
+from transformers.generation.streamers import BaseStreamer
 
 from chatbot.data import SPEAKER, Turn, load_examples
-from chatbot.generation import PRESETS
+from chatbot.decoding import DecodeLoop, perplexity_check
+from chatbot.generation import PRESETS, GenerationSettings
+from chatbot.loadtest import AppServer, run_load
+from chatbot.models import packaged_gguf
+from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
 
 REPORT_MESSAGE = "I had such a hard day at work today. Things keep piling up."
+NEW_TOKENS = 64
+RESULTS_DIR = ASSETS_DIR / "results"
+# Every decode below runs to exactly NEW_TOKENS tokens (no stop token, no sentence limit): equal work per run.
+FIXED = PRESETS["greedy"].updated(max_new_tokens=NEW_TOKENS, max_sentences=0)
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -23,7 +51,159 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(samples)}
 
 
-def bench_retrieval(bot, data_dir: str | None, queries: int) -> dict:
+def repeat(measure: Callable[[], dict[str, float]], runs: int, warmup: int = 1) -> dict[str, dict]:
+    """Run `measure` warm-up + `runs` times; p50/p95 of every timing it returns (seconds in, ms out)."""
+    for _ in range(warmup):
+        measure()
+    rows = [measure() for _ in range(runs)]
+    return {key: percentiles([row[key] for row in rows]) for key in rows[0]}
+
+
+class _TokenClock(BaseStreamer):
+    """Records when `generate` emits each new token (its first `put` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        """One call per step; the first carries the prompt."""
+        if self.prompt_seen:
+            self.times.append(time.perf_counter())
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        """Nothing to flush."""
+
+
+def decode_timings(started: float, token_times: list[float]) -> dict[str, float]:
+    """Time to first token and per-token decode time (s) from the token timestamps of one run."""
+    first = token_times[0] - started
+    per_token = (token_times[-1] - token_times[0]) / max(len(token_times) - 1, 1)
+    return {"ttft": first, "per_token": per_token, "total": token_times[-1] - started}
+
+
+def time_generate(model: torch.nn.Module, prompt: list[int]) -> dict[str, float]:
+    """One plain `model.generate` run (greedy, exactly NEW_TOKENS): the baseline."""
+    ids = torch.tensor([prompt])
+    clock = _TokenClock()
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), min_new_tokens=NEW_TOKENS,
+                       streamer=clock, **FIXED.generate_kwargs())
+    return decode_timings(started, clock.times)
+
+
+def time_loop(model: torch.nn.Module, prompts: list[list[int]], pad_id: int,
+              prefill_model: torch.nn.Module | None = None) -> dict[str, float]:
+    """One DecodeLoop run (greedy, exactly NEW_TOKENS, no stop tokens) over one or more prompts."""
+    times = []
+    started = time.perf_counter()
+    for _ in DecodeLoop(model, prompts, FIXED, set(), pad_id, prefill_model=prefill_model):
+        times.append(time.perf_counter())
+    return decode_timings(started, times)
+
+
+def summarize_decode(stats: dict[str, dict]) -> dict:
+    """TTFT and tokens/s (from the median per-token time) of repeated decode runs."""
+    return {"time_to_first_token": stats["ttft"], "total": stats["total"],
+            "decode_tokens_per_s": round(1000 / stats["per_token"]["p50_ms"], 2)}
+
+
+def bench_decode(bot: object, runs: int) -> dict:
+    """Plain fp32 `generate` (baseline) vs the decode loop on fp32 and on the serving (maybe int8) model."""
+    tokenizer = bot.chat.tokenizer
+    prompt = tokenizer(bot.prompt_for(REPORT_MESSAGE, [], [], None).text, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.pad_token_id
+    results = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS,
+               "generate_fp32": summarize_decode(repeat(lambda: time_generate(bot.chat.model, prompt), runs)),
+               "loop_fp32": summarize_decode(repeat(lambda: time_loop(bot.chat.model, [prompt], pad), runs))}
+    if bot.generator is not bot.chat.model:
+        # As served: the prompt is read in fp32, decode steps run in int8.
+        results["loop_int8"] = summarize_decode(
+            repeat(lambda: time_loop(bot.generator, [prompt], pad, bot.chat.model), runs))
+    base = results["generate_fp32"]["decode_tokens_per_s"]
+    for name in ("loop_fp32", "loop_int8"):
+        if name in results:
+            results[name]["decode_speedup_vs_generate"] = round(results[name]["decode_tokens_per_s"] / base, 2)
+    serving = results.get("loop_int8", results["loop_fp32"])
+    results["decode_speedup_vs_generate"] = serving["decode_speedup_vs_generate"]
+    return results
+
+
+def bench_llama_cpp(prompt_text: str, runs: int) -> dict | None:
+    """llama.cpp on the same GGUF, when `llama_cpp` is importable (optional, for reference only)."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    gguf = packaged_gguf()
+    if gguf is None:
+        return None
+    # n_batch=1: larger batches crash this build on this CPU; verbose=True for the same reason (see the issue).
+    llm = Llama(model_path=str(gguf), n_ctx=1024, n_batch=1, verbose=True)
+    prompt = llm.tokenize(prompt_text.encode(), add_bos=False, special=True)
+
+    def measure() -> dict[str, float]:
+        llm.reset()
+        times = []
+        started = time.perf_counter()
+        for _ in llm.generate(prompt, temp=0.0):
+            times.append(time.perf_counter())
+            if len(times) == NEW_TOKENS:
+                break
+        return decode_timings(started, times)
+
+    return summarize_decode(repeat(measure, runs))
+
+
+def time_reply(bot: object, use_retrieval: bool, settings: GenerationSettings, prompt_tokens: list[int]) -> dict:
+    """One reply through `bot.stream`: time to first text and total; appends the prompt length to `prompt_tokens`."""
+    started, first = time.perf_counter(), None
+    for reply in bot.stream(REPORT_MESSAGE, use_retrieval=use_retrieval, settings=settings):
+        if first is None and reply.text:
+            first = time.perf_counter() - started
+    total = time.perf_counter() - started
+    prompt_tokens.append(reply.prompt_tokens)
+    return {"ttft": first or total, "total": total}
+
+
+def bench_replies(bot: object, runs: int) -> dict:
+    """Full reply latency (the app's path: analysis, prompt, decode, screening) with and without retrieval."""
+    settings = PRESETS["chat"].updated(max_new_tokens=NEW_TOKENS)
+    results = {}
+    for name, use_retrieval, k in [("reply_without_retrieval", False, bot.k), ("reply_with_retrieval", True, bot.k),
+                                   ("reply_with_5_retrieved", True, 5)]:
+        if use_retrieval and bot.retriever is None:
+            continue
+        saved_k, bot.k = bot.k, k
+        prompt_tokens: list[int] = []
+        try:
+            stats = repeat(functools.partial(time_reply, bot, use_retrieval, settings, prompt_tokens), runs)
+        finally:
+            bot.k = saved_k
+        results[name] = {"k": k if use_retrieval else 0, "time_to_first_token": stats["ttft"],
+                         "reply_latency": stats["total"], "prompt_tokens": int(statistics.median(prompt_tokens))}
+    return results
+
+
+def bench_compare(bot: object, runs: int, left: str = "base", right: str = "tuned+rag") -> dict:
+    """Compare (two systems, decoded together) vs one reply, greedy, up to NEW_TOKENS tokens, no sentence limit."""
+    def timed(run: Callable[[], object]) -> Callable[[], dict[str, float]]:
+        def measure() -> dict[str, float]:
+            started = time.perf_counter()
+            for _ in run():
+                pass
+            return {"total": time.perf_counter() - started}
+        return measure
+
+    one = repeat(timed(lambda: bot.stream(REPORT_MESSAGE, settings=FIXED, system=right)), runs)
+    two = repeat(timed(lambda: bot.compare_stream(REPORT_MESSAGE, left, right, settings=FIXED)), runs)
+    return {"systems": [left, right], "one_reply": one["total"], "compare_two_replies": two["total"],
+            "ratio_two_vs_one": round(two["total"]["p50_ms"] / one["total"]["p50_ms"], 2)}
+
+
+def bench_retrieval(bot: object, data_dir: str | None, queries: int) -> dict:
     """Embed + search (k=5) latency over held-out test messages, after a warm-up."""
     messages = [ex.history[-1].text for ex in load_examples(data_dir, "test", limit=queries + 5)]
     for message in messages[:5]:
@@ -33,47 +213,177 @@ def bench_retrieval(bot, data_dir: str | None, queries: int) -> dict:
         started = time.perf_counter()
         bot.retriever.search([Turn(SPEAKER, message)], k=5)
         timings.append(time.perf_counter() - started)
-    return {"index_count": len(bot.retriever), **percentiles(timings)}
+    return {"index_count": len(bot.retriever), "k": 5, **percentiles(timings)}
 
 
-def bench_reply(bot, runs: int, use_retrieval: bool) -> dict:
-    """Time to first token, decode speed and full reply latency for the report's message, greedy."""
-    settings = PRESETS["greedy"].updated(max_new_tokens=64)
-    bot.respond(REPORT_MESSAGE, use_retrieval=use_retrieval, settings=settings)  # warm-up
-    first, total, tokens = [], [], []
-    for _ in range(runs):
+def bench_index_build(bot: object, data_dir: str | None, texts: int) -> dict:
+    """Index build throughput on a seeded sample of train replies (embedding dominates; it scales linearly)."""
+    from chatbot.retriever import build_from_data
+
+    with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        ttft = None
-        for reply in bot.stream(REPORT_MESSAGE, use_retrieval=use_retrieval, settings=settings):
-            if ttft is None and reply.text:
-                ttft = time.perf_counter() - started
-        total.append(time.perf_counter() - started)
-        first.append(ttft or total[-1])
-        tokens.append(len(bot.chat.tokenizer(reply.text, add_special_tokens=False)["input_ids"]))
-    decode = [n / max(t - f, 1e-6) for n, t, f in zip(tokens, total, first)]
-    return {"time_to_first_token": percentiles(first), "reply_latency": percentiles(total),
-            "decode_tokens_per_s_median": round(statistics.median(decode), 1),
-            "reply_tokens_median": statistics.median(tokens), "prompt_tokens": reply.prompt_tokens}
+        manifest = build_from_data(data_dir, Path(tmp) / "index", bot.embedder, limit=texts)
+        seconds = time.perf_counter() - started
+    return {"texts": manifest["count"], "seconds": round(seconds, 2),
+            "texts_per_s": round(manifest["count"] / seconds, 1), "sample": True}
+
+
+def bench_model_load(skip_first_start: bool) -> dict:
+    """Wall time of a fresh process loading the full bot: first start (GGUF conversion) and cached start."""
+    code = "from chatbot.bot import EmpatheticChatbot; EmpatheticChatbot.from_pretrained()"
+    results = {}
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "ED_CACHE_DIR": cache} if not skip_first_start else dict(os.environ)
+        for name in ["first_start_s", "cached_start_s"] if not skip_first_start else ["cached_start_s"]:
+            started = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, env=env, check=True,
+                           capture_output=True, timeout=1800)
+            results[name] = round(time.perf_counter() - started, 2)
+    return results
+
+
+def bench_app(users: int, duration: float, skip_load: bool) -> dict:
+    """App start-up to the first served request, then (unless skipped) a load test through its API."""
+    with AppServer() as app:
+        results = {"startup_to_first_request_s": app.ready_s}
+        if not skip_load:
+            results["load"] = run_load(app.url, users, duration, compare_share=0.0, pid=app.process.pid)
+    return results
+
+
+def _ms(stat: dict | None) -> str:
+    return f"{stat['p50_ms']:.0f} / {stat['p95_ms']:.0f}" if stat else "–"
+
+
+def markdown(report: dict) -> str:
+    """The report as a Markdown table (p50 / p95 where there are several runs)."""
+    rows = [("Measure", "Value", "vs plain fp32 `generate`")]
+    dec = report.get("decode", {})
+    base = dec.get("generate_fp32", {}).get("decode_tokens_per_s")
+    for name, label in [("generate_fp32", "plain `generate`, fp32 (baseline)"), ("loop_fp32", "decode loop, fp32"),
+                        ("loop_int8", "decode loop, int8 (served)"), ("llama_cpp", "llama.cpp, same GGUF")]:
+        stats = report.get("llama_cpp") if name == "llama_cpp" else dec.get(name)
+        if stats:
+            ratio = f"{stats['decode_tokens_per_s'] / base:.2f}x" if base else "–"
+            rows.append((f"Decode tokens/s: {label}", f"{stats['decode_tokens_per_s']:.1f}", ratio))
+            rows.append((f"Time to first token (ms p50/p95): {label}", _ms(stats["time_to_first_token"]), ""))
+    for name, stats in report.get("replies", {}).items():
+        label = name.replace("_", " ")
+        rows.append((f"Reply latency (ms p50/p95): {label}", _ms(stats["reply_latency"]), ""))
+        rows.append((f"Time to first token (ms p50/p95): {label} ({stats['prompt_tokens']} prompt tokens)",
+                     _ms(stats["time_to_first_token"]), ""))
+    if "compare" in report:
+        rows.append(("Compare: two replies / one reply (time)", f"{report['compare']['ratio_two_vs_one']:.2f}x", ""))
+    if "retrieval" in report:
+        r = report["retrieval"]
+        rows.append((f"Retrieval query, embed + search k=5 over {r['index_count']:,} (ms p50/p95)",
+                     f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f}", ""))
+    if "index_build" in report:
+        b = report["index_build"]
+        rows.append((f"Index build (sample of {b['texts']:,} texts)", f"{b['texts_per_s']:.0f} texts/s", ""))
+    for key, label in [("first_start_s", "Model load, first start (GGUF conversion) (s)"),
+                       ("cached_start_s", "Model load, cached start (s)")]:
+        if key in report.get("model_load", {}):
+            rows.append((label, f"{report['model_load'][key]:.1f}", ""))
+    app = report.get("app", {})
+    if "startup_to_first_request_s" in app:
+        rows.append(("App start-up to first served request (s)", f"{app['startup_to_first_request_s']:.1f}", ""))
+    if "load" in app:
+        load = app["load"]
+        lat = load["latency"]
+        rows.append((f"Load: {load['users']} users for {load['duration_s']:.0f} s: replies/min",
+                     f"{load['throughput_per_min']:.1f}", ""))
+        if lat.get("n"):
+            rows.append(("Load: latency p50 / p95 (s)", f"{lat['p50_s']:.1f} / {lat['p95_s']:.1f}", ""))
+        rows.append(("Load: errors / peak app RSS (MB)", f"{load['errors']} / {load['rss_peak_mb']:.0f}", ""))
+    ppl = report.get("perplexity")
+    if ppl:
+        rows.append((f"Held-out perplexity fp32 → int8 ({ppl['examples']} test examples)",
+                     f"{ppl['fp32']['perplexity']:.3f} → {ppl['int8']['perplexity']:.3f}",
+                     f"{ppl['relative_increase']:+.2%}"))
+    lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows[1:]]
+    env = report["environment"]
+    header = (f"Benchmark of {env['date']} on {env['cpu']} ({env['threads']} torch threads), torch {env['torch']}, "
+              f"transformers {env['transformers']}. Medians and p95 after one warm-up run; "
+              f"decode: greedy, {NEW_TOKENS} new tokens, prompt of {dec.get('prompt_tokens', '?')} tokens.")
+    return "\n".join([header, "", *lines, ""])
+
+
+def environment() -> dict:
+    """What the numbers were measured on."""
+    import transformers
+
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Print a JSON report of retrieval and reply timings."""
+    """Run the benchmark and write assets/results/bench.json and bench.md."""
     from chatbot.bot import EmpatheticChatbot
 
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", default=None, help="data folder for held-out query messages")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=None, help="data folder for held-out queries and the index-build sample")
     parser.add_argument("--index-dir", default=None, help="index folder (default: data/index/)")
+    parser.add_argument("--out-dir", default=str(RESULTS_DIR), help="where bench.json and bench.md go")
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per decode/reply measure (after 1 warm-up)")
     parser.add_argument("--queries", type=int, default=200, help="retrieval queries to time")
-    parser.add_argument("--runs", type=int, default=5, help="replies to time per configuration")
-    parser.add_argument("--skip-replies", action="store_true", help="only time retrieval")
+    parser.add_argument("--index-texts", type=int, default=2000, help="texts in the index-build throughput sample")
+    parser.add_argument("--load-users", type=int, default=8, help="concurrent simulated users in the load test")
+    parser.add_argument("--load-duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--perplexity-examples", type=int, default=200,
+                        help="seeded test examples for the fp32 vs int8 perplexity check")
+    parser.add_argument("--skip-model-load", action="store_true", help="skip timing model load in fresh processes")
+    parser.add_argument("--skip-first-start", action="store_true",
+                        help="time only the cached start (skip the ~40 s GGUF conversion of a first start)")
+    parser.add_argument("--skip-app", action="store_true", help="skip app start-up and the load test")
+    parser.add_argument("--skip-load", action="store_true", help="skip the load test (still time app start-up)")
+    parser.add_argument("--skip-index-build", action="store_true", help="skip index build throughput")
+    parser.add_argument("--skip-perplexity", action="store_true", help="skip the fp32 vs int8 perplexity check")
+    parser.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    bot = EmpatheticChatbot.from_pretrained(index_dir=args.index_dir)
-    report: dict = {"retrieval": bench_retrieval(bot, args.data_dir, args.queries)} if bot.retriever else {}
-    if not args.skip_replies:
-        report["reply_with_retrieval"] = bench_reply(bot, args.runs, True)
-        report["reply_without_retrieval"] = bench_reply(bot, args.runs, False)
-    print(json.dumps(report, indent=2))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    report: dict = {"environment": environment()}
+    if not args.skip_model_load:
+        logger.info("Timing model load in fresh processes")
+        report["model_load"] = bench_model_load(args.skip_first_start)
+    started = time.perf_counter()
+    # Always with the int8 copy: the report needs both paths (replies and Compare are timed on the int8 path).
+    bot = EmpatheticChatbot.from_pretrained(index_dir=args.index_dir, quantize=True)
+    report["model_load_in_process_s"] = round(time.perf_counter() - started, 2)
+    report["bot"] = {k: v for k, v in bot.describe().items() if k in ("base_model", "adapter", "generation_weights")}
+    logger.info("Timing decoding")
+    report["decode"] = bench_decode(bot, args.runs)
+    prompt_text = bot.prompt_for(REPORT_MESSAGE, [], [], None).text
+    if not args.skip_llama_cpp and (llama := bench_llama_cpp(prompt_text, args.runs)):
+        llama["decode_speedup_vs_generate"] = round(
+            llama["decode_tokens_per_s"] / report["decode"]["generate_fp32"]["decode_tokens_per_s"], 2)
+        report["llama_cpp"] = llama
+    logger.info("Timing replies and Compare")
+    report["replies"] = bench_replies(bot, args.runs)
+    report["compare"] = bench_compare(bot, args.runs)
+    if bot.retriever is not None:
+        logger.info("Timing retrieval")
+        report["retrieval"] = bench_retrieval(bot, args.data_dir, args.queries)
+    if not args.skip_index_build:
+        logger.info("Timing an index build on %d texts", args.index_texts)
+        report["index_build"] = bench_index_build(bot, args.data_dir, args.index_texts)
+    if not args.skip_perplexity:
+        logger.info("Perplexity of fp32 vs int8 on %d test examples", args.perplexity_examples)
+        report["perplexity"] = perplexity_check(bot.chat, args.data_dir, args.perplexity_examples,
+                                                quantized=bot.generator if bot.quantized else None)
+    if not args.skip_app:
+        logger.info("Timing app start-up%s", "" if args.skip_load else " and the load test")
+        del bot  # the app loads its own copy: do not hold two
+        report["app"] = bench_app(args.load_users, args.load_duration, args.skip_load)
+    report["decode_speedup_vs_generate"] = report["decode"]["decode_speedup_vs_generate"]
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "bench.md").write_text(markdown(report), encoding="utf-8")
+    logger.info("Wrote %s and %s", out_dir / "bench.json", out_dir / "bench.md")
+    print(markdown(report))
     return 0
 
 

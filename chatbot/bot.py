@@ -7,7 +7,7 @@ import os
 import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from sentence_transformers import SentenceTransformer
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chatbot.data import SPEAKER, Turn
+from chatbot.decoding import BASE_ADAPTER, DecodeLoop, ReplyText, quantized_copy, stop_token_ids, supports
 from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
@@ -24,8 +25,6 @@ from chatbot.prompts import (
     DEFAULT_MAX_PROMPT_TOKENS,
     Prompt,
     build_prompt,
-    clean_reply,
-    first_sentences,
     history_from_messages,
 )
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
@@ -41,6 +40,9 @@ DEFAULT_K = 3  # retrieved dialogues per prompt: more lengthen the prompt (and t
 EMPTY_MESSAGE_REPLY = "I'm here whenever you're ready. Tell me what's on your mind."
 ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could you say that again?"
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
+QUANTIZE_ENV = "ED_QUANTIZE"  # "1": replies decoded by an int8 copy of the model (see chatbot.decoding); "0": fp32
+# Off until `python -m chatbot.decoding` (or `make bench`) shows held-out perplexity within 1% of fp32 on an idle machine.
+QUANTIZE_BY_DEFAULT = False
 
 
 @dataclass
@@ -109,9 +111,15 @@ class EmpatheticChatbot:
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         notes: Sequence[str] = (),
         embedder: SentenceTransformer | None = None,
+        quantize: bool = False,
     ):
         """Wire already loaded parts together; `from_pretrained` loads them by name."""
         self.chat = chat
+        # The model that writes replies: the chat model, or its int8 copy (3-4x fewer bytes read per token).
+        # `chat.model` itself stays fp32, so perplexity and training never see quantized weights.
+        self.generator = quantized_copy(chat.model) if quantize else chat.model
+        self.quantized = quantize
+        self._stop_ids = stop_token_ids(chat.model, chat.tokenizer)
         self.retriever = retriever
         # The one embedder, shared by retrieval, emotion and the crisis screen (None in model-only tests).
         self.embedder = embedder or (retriever.embedder if retriever else None) or (emotion.embedder if emotion else None)
@@ -131,8 +139,12 @@ class EmpatheticChatbot:
         index_dir: str | os.PathLike | None = None,
         device: str | None = None,
         k: int = DEFAULT_K,
+        quantize: bool | None = None,
     ) -> EmpatheticChatbot:
-        """Load everything by name; a missing index or unfit adapter degrades with a note instead of failing."""
+        """Load everything by name; a missing index or unfit adapter degrades with a note instead of failing.
+
+        `quantize` (default: $ED_QUANTIZE, else QUANTIZE_BY_DEFAULT; CPU only) decodes replies with an int8 copy.
+        """
         base_model = base_model or DEFAULT_BASE_MODEL
         notes = []
         adapter_path = default_adapter() if adapter == "default" else (None if adapter in (None, "none") else adapter)
@@ -156,7 +168,11 @@ class EmpatheticChatbot:
         emotion = load_emotion_detector(embedder)
         if emotion is None:
             notes.append("Emotion detection is off: assets/emotion is missing (python -m chatbot.emotion).")
-        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder)
+        if quantize is None:
+            quantize = os.environ.get(QUANTIZE_ENV, "1" if QUANTIZE_BY_DEFAULT else "0") == "1"
+            quantize = quantize and chat.model.device.type == "cpu"
+        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder,
+                   quantize=quantize)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""
@@ -173,6 +189,7 @@ class EmpatheticChatbot:
             "emotion_classifier": {k: v for k, v in self.emotion.manifest.items() if k != "labels"}
             if self.emotion else None,
             "k": self.k,
+            "generation_weights": "int8 (dynamic quantization)" if self.quantized else str(self.chat.model.dtype),
             "notes": list(self.notes),
         }
 
@@ -184,12 +201,26 @@ class EmpatheticChatbot:
         history: Sequence[Turn | dict] = (),
         settings: GenerationSettings | None = None,
     ) -> Iterator[tuple[Reply, Reply]]:
-        """Two systems' replies to the same message with the same settings and seed, as they grow."""
-        left_reply = None
-        for left_reply in self.stream(message, history, settings=settings, system=left):
-            yield left_reply, Reply(text="", system=right, done=False)
-        for right_reply in self.stream(message, history, settings=settings, system=right):
-            yield left_reply, right_reply
+        """Two systems' replies to the same message with the same settings and seed, as they grow (decoded together)."""
+        settings = settings or PRESETS[DEFAULT_PRESET]
+        prepared = [self._prepare(message, history, True, system) for system in (left, right)]
+        replies = [reply for reply, _, _ in prepared]
+        rows = [i for i, (_, prompt, _) in enumerate(prepared) if prompt is not None]
+        texts = {i: "" for i in rows}
+        try:
+            for partials in self._generate([prepared[i][1].text for i in rows], settings, [prepared[i][2] for i in rows]):
+                texts.update(zip(rows, partials))
+                yield tuple(replace(r, text=texts[i]) if i in texts else r for i, r in enumerate(replies))
+        except Exception:  # both users of the page get an apology; the server keeps serving
+            logger.exception("Generation failed")
+            for i in rows:
+                replies[i].kind, replies[i].text = "error", ERROR_REPLY
+        else:
+            for i in rows:
+                self._finish(replies[i], texts[i])
+        for reply in replies:
+            reply.done = True
+        yield replies[0], replies[1]
 
     def analyse(
         self, message: str, history: Sequence[Turn] = (), use_retrieval: bool = True
@@ -221,6 +252,41 @@ class EmpatheticChatbot:
         *_, final = self.stream(message, history, use_retrieval, settings, system)
         return final
 
+    def _prepare(
+        self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | None
+    ) -> tuple[Reply, Prompt | None, bool]:
+        """Everything before the model: (reply so far, prompt or None when the reply is already final, use_adapter)."""
+        use_adapter, use_retrieval = parse_system(system) if system else (True, use_retrieval)
+        system = system or ("tuned+rag" if use_retrieval else "tuned")
+        turns = [t if isinstance(t, Turn) else None for t in history]
+        turns = list(history) if all(turns) else history_from_messages(history)
+        text, truncated = normalize_message(message)
+        reply = Reply(text="", system=system, truncated_input=truncated)
+        if truncated:
+            reply.notes.append(f"Your message was shortened to its first {MAX_MESSAGE_CHARS} characters.")
+        if not text:
+            reply.kind, reply.text = "empty", EMPTY_MESSAGE_REPLY
+            return reply, None, use_adapter
+        previous = [t.text for t in turns if t.role == SPEAKER]
+        if self.crisis is not None and self.crisis.check(text, previous).is_crisis:
+            reply.kind, reply.text = "crisis", CRISIS_REPLY
+            return reply, None, use_adapter
+        reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
+        prompt = self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
+        reply.prompt_tokens = prompt.token_count
+        reply.done = False
+        return reply, prompt, use_adapter
+
+    @staticmethod
+    def _finish(reply: Reply, text: str) -> None:
+        """Set the final generated text, replaced by the safe fallback when screening rejects it."""
+        reply.text = text
+        reason = screen_reply(text)
+        if reason:
+            logger.info("Replaced a generated reply: %s", reason)
+            reply.kind, reply.text = "fallback", SAFE_FALLBACK_REPLY
+            reply.notes.append(f"The generated reply was replaced ({reason}).")
+
     def stream(
         self,
         message: str,
@@ -230,97 +296,125 @@ class EmpatheticChatbot:
         system: str | None = None,
     ) -> Iterator[Reply]:
         """Yield the reply as it grows; the last item has `done=True` and the final, screened text."""
-        use_adapter, use_retrieval = parse_system(system) if system else (True, use_retrieval)
-        system = system or ("tuned+rag" if use_retrieval else "tuned")
-        settings = settings or PRESETS[DEFAULT_PRESET]
-        turns = [t if isinstance(t, Turn) else None for t in history]
-        turns = list(history) if all(turns) else history_from_messages(history)
-        text, truncated = normalize_message(message)
-        reply = Reply(text="", system=system, truncated_input=truncated)
-        if truncated:
-            reply.notes.append(f"Your message was shortened to its first {MAX_MESSAGE_CHARS} characters.")
-        if not text:
-            reply.kind, reply.text = "empty", EMPTY_MESSAGE_REPLY
+        reply, prompt, use_adapter = self._prepare(message, history, use_retrieval, system)
+        if prompt is None:
             yield reply
             return
-        previous = [t.text for t in turns if t.role == SPEAKER]
-        if self.crisis is not None and self.crisis.check(text, previous).is_crisis:
-            reply.kind, reply.text = "crisis", CRISIS_REPLY
-            yield reply
-            return
-        reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
-        prompt = self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
-        reply.prompt_tokens = prompt.token_count
-        reply.done = False
         partial = ""
         try:
-            for partial in self._generate(prompt.text, settings, use_adapter):
+            for (partial,) in self._generate([prompt.text], settings or PRESETS[DEFAULT_PRESET], [use_adapter]):
                 yield replace(reply, text=partial)  # a snapshot: consumers may keep every partial
         except Exception:  # the user gets an apology; the server keeps serving
             logger.exception("Generation failed")
             reply.kind, reply.text = "error", ERROR_REPLY
         else:
-            reply.text = partial
-            reason = screen_reply(reply.text)
-            if reason:
-                logger.info("Replaced a generated reply: %s", reason)
-                reply.kind, reply.text = "fallback", SAFE_FALLBACK_REPLY
-                reply.notes.append(f"The generated reply was replaced ({reason}).")
+            self._finish(reply, partial)
         reply.done = True
         yield reply
 
-    def _generate(self, prompt_text: str, settings: GenerationSettings, use_adapter: bool) -> Iterator[str]:
-        """Run `generate` in a worker thread and yield the cleaned text as tokens arrive."""
+    def _generate(
+        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
+    ) -> Iterator[list[str]]:
+        """Yield every prompt's cleaned reply so far as they grow; one decode for all when the fast loop applies."""
+        with self._lock:
+            if supports(self.generator, settings):
+                yield from self._decode(prompt_texts, settings, use_adapter)
+                return
+            # One after another: `generate` decodes one prompt (and one adapter state) at a time.
+            texts = [""] * len(prompt_texts)
+            for row, (prompt_text, adapter) in enumerate(zip(prompt_texts, use_adapter)):
+                for text in self._generate_one(prompt_text, settings, adapter):
+                    texts[row] = text
+                    yield list(texts)
+
+    def _adapter_context(self, use_adapter: bool) -> AbstractContextManager:
+        """Switches the tuned adapter off for the base systems, in the fp32 model and its int8 copy alike."""
+        stack = ExitStack()
+        if self.chat.has_adapter and not use_adapter:
+            for model in {id(m): m for m in (self.chat.model, self.generator)}.values():
+                stack.enter_context(model.disable_adapter())
+        return stack
+
+    def _decode(
+        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
+    ) -> Iterator[list[str]]:
+        """The fast path: decode all prompts in one batch (see chatbot.decoding.DecodeLoop)."""
+        tokenizer = self.chat.tokenizer
+        prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
+        # Rows of one batch may differ in adapter state (Compare: base vs tuned): peft applies LoRA per row.
+        adapter = getattr(self.generator, "active_adapter", None)
+        names = [adapter if on else BASE_ADAPTER for on in use_adapter] if self.chat.has_adapter else None
+        mixed = len(set(use_adapter)) > 1
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        # The prompt is read in fp32 even when decode steps run in int8 (see chatbot.decoding: activation outliers).
+        loop = DecodeLoop(self.generator, prompts, settings, self._stop_ids, tokenizer.pad_token_id,
+                          names if mixed else None, prefill_model=self.chat.model)
+        replies = [ReplyText(settings.max_sentences) for _ in prompts]
+        generated: list[list[int]] = [[] for _ in prompts]
+        with nullcontext() if mixed else self._adapter_context(use_adapter[0]):
+            for step in loop:
+                changed = False
+                for row, token in enumerate(step):
+                    if token is None or token in self._stop_ids:
+                        continue
+                    generated[row].append(token)
+                    # Decoding the whole reply each step keeps multi-token characters and merges right.
+                    changed |= replies[row].set_raw(tokenizer.decode(generated[row])) is not None
+                    if replies[row].done:
+                        loop.finish(row)
+                if changed:
+                    yield [reply.shown or "" for reply in replies]
+        if not any(reply.shown for reply in replies):  # nothing printable: still one (empty) result
+            yield [""] * len(replies)
+
+    def _generate_one(self, prompt_text: str, settings: GenerationSettings, use_adapter: bool) -> Iterator[str]:
+        """The general path (beam search, prompt tuning): `generate` in a worker thread, text as tokens arrive."""
+        # fp32: `generate` reads the prompt with the same model it decodes with (int8 is for decode steps only).
         tokenizer, model = self.chat.tokenizer, self.chat.model
         inputs = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False).to(model.device)
         kwargs = dict(**inputs, **settings.generate_kwargs(), stop_strings=STOP_STRINGS, tokenizer=tokenizer)
-        with self._lock:
-            if settings.seed is not None:
-                torch.manual_seed(settings.seed)
-            adapter_off = self.chat.has_adapter and not use_adapter
-            context = model.disable_adapter() if adapter_off else nullcontext()
-            with context, torch.inference_mode():
-                if settings.num_beams > 1:  # beams cannot stream: yield the finished reply once
-                    output = model.generate(**kwargs)
-                    text = clean_reply(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]))
-                    yield first_sentences(text, settings.max_sentences) or text
-                    return
-                streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=120)
-                cancel = threading.Event()
-                errors: list[BaseException] = []
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        with self._adapter_context(use_adapter), torch.inference_mode():
+            if settings.num_beams > 1:  # beams cannot stream: yield the finished reply once
+                output = model.generate(**kwargs)
+                reply = ReplyText(settings.max_sentences)
+                reply.set_raw(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:]))
+                yield reply.shown or ""
+                return
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, timeout=120)
+            cancel = threading.Event()
+            errors: list[BaseException] = []
 
-                def work() -> None:
-                    try:
-                        with torch.inference_mode():
-                            model.generate(
-                                **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)])
-                            )
-                    except BaseException as err:  # re-raised in the consumer
-                        errors.append(err)
-                        streamer.end()
-
-                worker = threading.Thread(target=work, daemon=True)
-                worker.start()
-                raw, last = "", None
+            def work() -> None:
                 try:
-                    for piece in streamer:
-                        raw += piece
-                        text = clean_reply(raw)
-                        enough = first_sentences(text, settings.max_sentences)
-                        text = enough or text
-                        if text != last and text:
-                            last = text
-                            yield text
-                        if enough:
-                            break
-                finally:
-                    # Also runs when the consumer stops early: the worker must finish before the lock is freed.
-                    cancel.set()
-                    worker.join()
-                if errors:
-                    raise errors[0]
-                if last is None:
-                    yield ""
+                    with torch.inference_mode():
+                        model.generate(
+                            **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_Cancelled(cancel)])
+                        )
+                except BaseException as err:  # re-raised in the consumer
+                    errors.append(err)
+                    streamer.end()
+
+            worker = threading.Thread(target=work, daemon=True)
+            worker.start()
+            reply = ReplyText(settings.max_sentences)
+            try:
+                for piece in streamer:
+                    text = reply.add(piece)
+                    if text is not None:
+                        yield text
+                    if reply.done:
+                        break
+            finally:
+                # Also runs when the consumer stops early: the worker must finish before the lock is freed.
+                cancel.set()
+                worker.join()
+            if errors:
+                raise errors[0]
+            if reply.shown is None:
+                yield ""
 
 
 class _Cancelled(StoppingCriteria):

@@ -59,9 +59,10 @@ def test_generation_error_gives_an_apology(tiny_chat, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(tiny_chat.model, "generate", broken)
+    monkeypatch.setattr(tiny_chat.model, "forward", broken)  # both the fast loop and `generate` call it
     reply = bot.respond("hello there", settings=GREEDY)
     assert reply.kind == "error" and reply.text == ERROR_REPLY
+    assert bot.respond("hello there", settings=preset("report").updated(max_new_tokens=4)).kind == "error"
     monkeypatch.undo()
     assert bot.respond("hello again", settings=GREEDY).kind in {"model", "fallback"}
 
