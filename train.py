@@ -70,7 +70,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for sampling, initialisation and shuffling")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag in ("limit", "eval_limit", "test_limit"):
+        if getattr(args, flag) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be 0 (all) or a positive number")
+    for flag in ("batch_size", "grad_accum", "eval_steps", "k", "save_limit"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        p.error(f"--output-dir {args.output_dir} is a file, not a folder")
+    return args
 
 
 def peft_config(method: str, model_type: str, num_layers: int, args: argparse.Namespace, tokenizer_path: str):
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         embedder = load_embedder(device=args.device)
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
             if args.retrieval else None
-    except (DataError, ModelLoadError, IndexLoadError) as err:
+    except (DataError, ModelLoadError, IndexLoadError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     emotion = load_emotion_detector(embedder) if args.emotion else None

@@ -35,6 +35,9 @@ PLAIN_CHAT_TEMPLATE = (
 # Text after which a reply is over: the model has started the next turn.
 TURN_MARKERS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "\nSpeaker:", "Speaker:", "\nListener:", "\nUser:")
 ROLE_OF = {SPEAKER: "user", LISTENER: "assistant"}
+# Chat-template control strings (<|im_start|>, <|im_end|>, <|endoftext|>, ...): typed into a message they
+# would become real special tokens and let a user forge turns or a system message.
+CONTROL_TOKEN = re.compile(r"<\|([A-Za-z_]{1,30})\|>")
 # A sentence is complete once white space follows its final punctuation.
 SENTENCE_END = re.compile(r"[.!?…]+[\"')\]]*(?=\s)")
 DEFAULT_MAX_PROMPT_TOKENS = 768
@@ -69,6 +72,11 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
     return tokenizer
 
 
+def neutralise_control_tokens(text: str) -> str:
+    """Break chat-template control strings apart so the tokenizer reads them as plain text."""
+    return CONTROL_TOKEN.sub(r"< |\1| >", text)
+
+
 def _shorten(text: str, limit: int = MAX_EXAMPLE_CHARS) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
@@ -97,7 +105,8 @@ def chat_messages(
         messages += [{"role": "user", "content": _shorten(said)}, {"role": "assistant", "content": _shorten(ref.response)}]
     messages += [{"role": ROLE_OF[t.role], "content": t.text} for t in history]
     messages.append({"role": "user", "content": message})
-    return messages
+    return [{"role": m["role"], "content": neutralise_control_tokens(m["content"])} if m["role"] != "system" else m
+            for m in messages]
 
 
 def render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:

@@ -74,13 +74,16 @@ def real_bot() -> EmpatheticChatbot:
 
 
 @contextmanager
-def serve(demo) -> Iterator[str]:
-    """Launch `demo` on a free local port for the duration of the block; yields its URL."""
+def serve(demo, **launch) -> Iterator[str]:
+    """Launch `demo` on a free local port for the duration of the block (as app.py does); yields its URL.
+
+    `launch` adds or overrides `demo.launch` arguments (auth, allowed_paths...).
+    """
     import app
 
     port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, ssr_mode=False,
-                **app.launch_options())
+    demo.launch(**{"server_name": "127.0.0.1", "server_port": port, "prevent_thread_lock": True, "quiet": True,
+                   "ssr_mode": False, **app.launch_options(), **launch})
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
