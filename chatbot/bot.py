@@ -208,7 +208,7 @@ class EmpatheticChatbot:
         rows = [i for i, (_, prompt, _) in enumerate(prepared) if prompt is not None]
         texts = {i: "" for i in rows}
         try:
-            for partials in self._generate([prepared[i][1].text for i in rows], settings, [prepared[i][2] for i in rows]):
+            for partials in [] if not rows else self._generate([prepared[i][1].text for i in rows], settings, [prepared[i][2] for i in rows]):
                 texts.update(zip(rows, partials))
                 yield tuple(replace(r, text=texts[i]) if i in texts else r for i, r in enumerate(replies))
         except Exception:  # both users of the page get an apology; the server keeps serving
