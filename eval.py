@@ -25,7 +25,17 @@ from tqdm.auto import tqdm
 from chatbot import metrics
 from chatbot.bot import DEFAULT_K, EmpatheticChatbot
 from chatbot.contexts import example_contexts
-from chatbot.data import LISTENER, SPEAKER, DataError, Example, Turn, load_conversations, load_examples, sample
+from chatbot.data import (
+    LISTENER,
+    SPEAKER,
+    Conversation,
+    DataError,
+    Example,
+    Turn,
+    examples_of,
+    load_conversations,
+    sample,
+)
 from chatbot.embeddings import EMBEDDER_NAME, embed, load_embedder
 from chatbot.emotion import load_emotion_detector
 from chatbot.generation import PRESETS, GenerationSettings, preset
@@ -252,9 +262,9 @@ def score_system(
     }
 
 
-def emotion_accuracy(bot: EmpatheticChatbot, data_dir: str | None) -> dict:
+def emotion_accuracy(bot: EmpatheticChatbot, test_conversations: Sequence[Conversation]) -> dict:
     """Detected vs gold emotion on every labelled test conversation: first speaker turn, and the whole dialogue."""
-    conversations = [c for c in load_conversations(data_dir, "test") if c.emotion]
+    conversations = [c for c in test_conversations if c.emotion]
     gold = [c.emotion for c in conversations]
     first = [p.label for p in bot.emotion.predict_many([c.turns[0].text for c in conversations])]
     whole = [p.label for p in bot.emotion.predict_many(["\n".join(t.text for t in c.turns) for c in conversations])]
@@ -266,15 +276,15 @@ def emotion_accuracy(bot: EmpatheticChatbot, data_dir: str | None) -> dict:
 
 
 def retrieval_quality(
-    retriever: Retriever, embedder, examples: Sequence[Example], gold_vectors: np.ndarray, data_dir: str | None,
-    seed: int,
+    retriever: Retriever, embedder, examples: Sequence[Example], gold_vectors: np.ndarray,
+    test_examples: Sequence[Example], seed: int,
 ) -> dict:
     """Emotion agreement of retrieved dialogues, and P@1,100: the gold reply ranked among test-split distractors."""
     query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
     hits = retriever.search_vectors(query_vectors, 5)
     gold = [ex.emotion for ex in examples]
     labels = [[h.emotion for h in row] for row in hits]
-    pool = sample(load_examples(data_dir, "test"), CANDIDATE_POOL, seed + 1)
+    pool = sample(list(test_examples), CANDIDATE_POOL, seed + 1)
     pool_vectors = embed(embedder, [ex.reply for ex in pool])
     rng = np.random.default_rng(seed)
     candidates = min(CANDIDATES, len(pool) + 1)
@@ -429,7 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         adapters = [Path(a) for a in args.adapters] if args.adapters else [a for a in [default_adapter()] if a]
         specs = parse_systems(args.systems, adapters, args.base_model)
-        examples = load_examples(args.data_dir, "test", args.limit or None, args.seed)
+        # The test split is read once: the sample, the P@1,N distractors and emotion accuracy all come from it.
+        conversations = load_conversations(args.data_dir, "test")
+        test_examples = examples_of(conversations)
+        examples = sample(test_examples, args.limit or None, args.seed)
         embedder = load_embedder(device=args.device)
         needs_index = any(s.use_retrieval for s in specs)
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
@@ -491,8 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
         "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
-        "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, args.data_dir),
-        "retrieval": retrieval_quality(retriever, embedder, examples, gold_vectors, args.data_dir, args.seed)
+        "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, conversations),
+        "retrieval": retrieval_quality(retriever, embedder, examples, gold_vectors, test_examples, args.seed)
         if retriever and not args.perplexity_only else {},
         "anchors": ANCHORS,
     }

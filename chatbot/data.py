@@ -191,8 +191,12 @@ def load_examples(
     data_dir: str | os.PathLike | None, split: str, limit: int | None = None, seed: int = DEFAULT_SEED
 ) -> list[Example]:
     """All history -> listener-reply examples of a split; `limit` takes a seeded random subset."""
-    examples = [ex for conv in load_conversations(data_dir, split) for ex in conversation_examples(conv)]
-    return sample(examples, limit, seed)
+    return sample(examples_of(load_conversations(data_dir, split)), limit, seed)
+
+
+def examples_of(conversations: Iterable[Conversation]) -> list[Example]:
+    """Every history -> listener-reply example of the conversations, in order."""
+    return [ex for conv in conversations for ex in conversation_examples(conv)]
 
 
 def sample(items: list, limit: int | None, seed: int = DEFAULT_SEED) -> list:

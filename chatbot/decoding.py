@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from chatbot.generation import GenerationSettings
-from chatbot.models import ChatModel
+from chatbot.models import ChatModel, is_prompt_learning
 from chatbot.prompts import TURN_MARKERS, EncodedExample, clean_reply, first_sentences
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,6 @@ logger = logging.getLogger(__name__)
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 # Held-out perplexity may rise at most this much (relative) for the int8 model to be the default.
 MAX_PERPLEXITY_INCREASE = 0.01
-
-
-def is_prompt_learning(model: torch.nn.Module) -> bool:
-    """Whether the model carries a peft prompt-learning adapter (virtual tokens: only `generate` handles those)."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(config and config.is_prompt_learning)
 
 
 def supports(model: torch.nn.Module, settings: GenerationSettings) -> bool:

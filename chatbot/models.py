@@ -180,6 +180,12 @@ def attach_adapter(chat: ChatModel, adapter_path: str | os.PathLike) -> ChatMode
     return ChatModel(model=model, tokenizer=chat.tokenizer, base_model=chat.base_model, adapter_path=path, adapter_meta=meta)
 
 
+def is_prompt_learning(model: torch.nn.Module) -> bool:
+    """Whether the model carries a peft prompt-learning adapter (virtual tokens: only `generate` handles those)."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config and config.is_prompt_learning)
+
+
 def default_adapter() -> Path | None:
     """The shipped tuned adapter, when present."""
     return DEFAULT_ADAPTER_DIR if (DEFAULT_ADAPTER_DIR / ADAPTER_META_FILE).exists() else None

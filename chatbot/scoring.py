@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatbot.models import ChatModel
+from chatbot.models import ChatModel, is_prompt_learning
 from chatbot.prompts import EncodedExample
 
 Features = Mapping[str, Sequence[int]]
@@ -43,7 +43,7 @@ def reply_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tup
     labelled = (labels != -100).any(0).nonzero()
     first = max(int(labelled[0]) if len(labelled) else labels.shape[1] - 1, 1)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if not getattr(model, "active_peft_config", None) or not model.active_peft_config.is_prompt_learning:
+    if not is_prompt_learning(model):
         inputs["position_ids"] = batch["position_ids"]  # peft prompt learning refuses position ids
     logits = model(**inputs, logits_to_keep=labels.shape[1] - first + 1).logits[:, :-1]
     targets = labels[:, first:]
