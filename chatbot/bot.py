@@ -267,15 +267,29 @@ class EmpatheticChatbot:
         if not text:
             reply.kind, reply.text = "empty", EMPTY_MESSAGE_REPLY
             return reply, None, use_adapter
+        try:
+            prompt = self._screen_and_build(reply, text, turns, use_retrieval)
+        except Exception:  # the user gets an apology; the server keeps serving
+            logger.exception("Preparing a reply failed")
+            reply.kind, reply.text = "error", ERROR_REPLY
+            return reply, None, use_adapter
+        if prompt is not None:
+            reply.prompt_tokens = prompt.token_count
+            reply.done = False
+        return reply, prompt, use_adapter
+
+    def _screen_and_build(self, reply: Reply, text: str, turns: list[Turn], use_retrieval: bool) -> Prompt | None:
+        """Crisis screen, emotion and retrieval into `reply`, then the prompt (None: the crisis reply is final)."""
         previous = [t.text for t in turns if t.role == SPEAKER]
         if self.crisis is not None and self.crisis.check(text, previous).is_crisis:
             reply.kind, reply.text = "crisis", CRISIS_REPLY
-            return reply, None, use_adapter
-        reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
-        prompt = self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
-        reply.prompt_tokens = prompt.token_count
-        reply.done = False
-        return reply, prompt, use_adapter
+            return None
+        try:
+            reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
+        except Exception:  # a reply without them beats no reply
+            logger.exception("Emotion detection and retrieval failed")
+            reply.notes.append("Emotion detection and retrieval failed for this message; the model replied without them.")
+        return self.prompt_for(text, turns, reply.retrieved, reply.emotion.label if reply.emotion else None)
 
     @staticmethod
     def _finish(reply: Reply, text: str) -> None:

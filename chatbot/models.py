@@ -136,10 +136,12 @@ def save_adapter(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, base_model: str,
     training_args: dict | None = None, metrics: dict | None = None,
 ) -> Path:
-    """Save a tuned model (peft adapter, or full weights) with the metadata its loader checks."""
+    """Save a tuned model (peft adapter, or full weights) with the metadata its loader checks.
+
+    A crash while saving leaves either the previous adapter, one the loader refuses (no metadata), or the new one:
+    everything is written to a staging folder first, and the metadata is the last file swapped in.
+    """
     out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
     peft_config = getattr(model, "active_peft_config", None)
     meta = {
         "base_model": base_model,
@@ -148,7 +150,18 @@ def save_adapter(
         "training_args": training_args or {},
         "metrics": metrics or {},
     }
-    (out / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".saving-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
+        (out / ADAPTER_META_FILE).unlink(missing_ok=True)
+        for item in sorted(staging.iterdir(), key=lambda f: f.name == ADAPTER_META_FILE):
+            os.replace(item, out / item.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
 
 

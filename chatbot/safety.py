@@ -740,7 +740,11 @@ class CrisisScreen:
         """Per normalised text: (max crisis cosine, max non-crisis cosine, nearest crisis exemplar index)."""
         if self.embedder is None or self._crisis_vecs is None or self._safe_vecs is None or not texts:
             return [(0.0, 0.0, -1) for _ in texts]
-        vecs = embed(self.embedder, texts)
+        try:
+            vecs = embed(self.embedder, texts)
+        except Exception:  # the patterns still screen; a failing embedder must not take every reply down
+            logger.exception("Crisis screen: embedding failed, screening this message with patterns only")
+            return [(0.0, 0.0, -1) for _ in texts]
         crisis = vecs @ self._crisis_vecs.T
         safe = vecs @ self._safe_vecs.T
         best = crisis.argmax(axis=1)

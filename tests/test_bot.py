@@ -124,3 +124,24 @@ def test_adapter_round_trip_and_base_switch(tiny_chat, gpt2_tokenizer, tmp_path,
         attach_adapter(wrap_model(make_tiny_gpt2(gpt2_tokenizer), gpt2_tokenizer, "gpt2", "cpu"), tmp_path / "adapter")
     with pytest.raises(ModelLoadError, match="does not exist"):
         attach_adapter(tiny_chat, tmp_path / "missing")
+
+
+def test_a_save_that_fails_leaves_the_previous_adapter_loadable(tiny_chat, gpt2_tokenizer, tmp_path, monkeypatch):
+    from tests.conftest import make_tiny_gpt2
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    out = tmp_path / "adapter"
+    save_adapter(get_peft_model(make_tiny_gpt2(gpt2_tokenizer), config), gpt2_tokenizer, out, "tiny-gpt2",
+                 {"run": 1})
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(type(gpt2_tokenizer), "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(get_peft_model(make_tiny_gpt2(gpt2_tokenizer, seed=1), config), gpt2_tokenizer, out,
+                     "tiny-gpt2", {"run": 2})
+    monkeypatch.undo()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # no staging debris, nothing half-written
+    assert attach_adapter(tiny_chat, out).adapter_meta["training_args"] == {"run": 1}

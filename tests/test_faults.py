@@ -247,3 +247,36 @@ def test_model_failing_mid_stream_through_the_api(bot, app_module, monkeypatch):
         monkeypatch.undo()
         reply, emotion, retrieved = client.predict("My goldfish died.", [], True, api_name="/respond")
     assert reply not in ("", ERROR_REPLY) and emotion and retrieved
+
+
+# ---------------------------------------------------------------------------------------------- before generation
+
+
+def test_embedder_failing_still_screens_for_crisis_and_replies_without_retrieval(bot, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("embedding failed (simulated)")
+
+    monkeypatch.setattr(bot.embedder, "encode", failing)
+    crisis = bot.respond("I want to kill myself tonight.", settings=GREEDY)
+    assert crisis.kind == "crisis"  # the patterns still screen without the embedder
+    reply = bot.respond("My goldfish died this morning.", settings=GREEDY)
+    assert reply.kind in {"model", "fallback"} and reply.text and not reply.retrieved and reply.emotion is None
+    assert any("retrieval failed" in note for note in reply.notes)
+    monkeypatch.undo()
+    assert bot.respond("My goldfish died this morning.", settings=GREEDY).retrieved
+
+
+def test_prompt_building_failing_gives_an_apology_through_the_api_and_the_app_keeps_serving(bot, app_module,
+                                                                                          monkeypatch):
+    with serve(app_module.build_demo(bot)) as url:
+        client = Client(url, verbose=False)
+
+        def failing(*args, **kwargs):
+            raise ValueError("tokenizer failed (simulated)")
+
+        monkeypatch.setattr(bot, "prompt_for", failing)
+        assert client.predict("My goldfish died.", [], True, api_name="/respond")[0] == ERROR_REPLY
+        assert client.predict("My goldfish died.", "base", "tuned", api_name="/compare") == (ERROR_REPLY, ERROR_REPLY)
+        monkeypatch.undo()
+        reply, emotion, retrieved = client.predict("My goldfish died.", [], True, api_name="/respond")
+    assert reply not in ("", ERROR_REPLY) and emotion and retrieved
