@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from chatbot.bot import MAX_MESSAGE_CHARS, SYSTEMS, EmpatheticChatbot, Reply, normalize_message
 from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, GenerationSettings
 from chatbot.retriever import build_from_data
-from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT, default_index_dir
+from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT, default_index_dir, limit_malloc_arenas
 
 logger = logging.getLogger("app")
 
@@ -689,6 +689,7 @@ if __name__ == "__main__":  # flags first, so --help and typos answer without lo
     CLI = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
+limit_malloc_arenas()  # before the model and the worker threads allocate: memory stays flat under load
 BOT = load_bot()
 INDEX_BUILD = start_index_build(BOT)
 demo = build_demo(BOT, INDEX_BUILD)

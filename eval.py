@@ -217,12 +217,14 @@ def score_system(
     settings: GenerationSettings,
     cache: SystemCache,
     embedder,
+    query_vectors: np.ndarray,
     gold_vectors: np.ndarray | None,
 ) -> dict:
     """Perplexity of the gold replies, then (given gold vectors) generated replies and their quality metrics."""
     ppl = cache.load_perplexity()
     if ppl is None:
-        contexts = example_contexts(examples, embedder, bot.retriever if spec.use_retrieval else None, bot.emotion, bot.k)
+        contexts = example_contexts(examples, embedder, bot.retriever if spec.use_retrieval else None, bot.emotion,
+                                    bot.k, query_vectors)
         encoded = [encode_example(bot.chat.tokenizer, ex.history, ex.reply, c.references, c.emotion)
                    for ex, c in zip(examples, contexts)]
         ppl = perplexity(bot.chat, encoded, [ex.reply for ex in examples], progress=True)
@@ -276,11 +278,10 @@ def emotion_accuracy(bot: EmpatheticChatbot, test_conversations: Sequence[Conver
 
 
 def retrieval_quality(
-    retriever: Retriever, embedder, examples: Sequence[Example], gold_vectors: np.ndarray,
+    retriever: Retriever, embedder, examples: Sequence[Example], query_vectors: np.ndarray, gold_vectors: np.ndarray,
     test_examples: Sequence[Example], seed: int,
 ) -> dict:
     """Emotion agreement of retrieved dialogues, and P@1,100: the gold reply ranked among test-split distractors."""
-    query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
     hits = retriever.search_vectors(query_vectors, 5)
     gold = [ex.emotion for ex in examples]
     labels = [[h.emotion for h in row] for row in hits]
@@ -458,12 +459,14 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bots = {s.label: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
                                            embedder=embedder)) for s in specs}
+    # Embedded once: every system's emotion and neighbours, and the retrieval scores, use the same query vectors.
+    query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
     gold_vectors = None if args.perplexity_only else embed(embedder, [ex.reply for ex in examples])
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     systems = {}
     for label, (spec, bot) in bots.items():
         cache = SystemCache(cache_dir / spec.slug, protocol_key(spec, args, settings))
-        systems[label] = score_system(spec, bot, examples, settings, cache, embedder, gold_vectors)
+        systems[label] = score_system(spec, bot, examples, settings, cache, embedder, query_vectors, gold_vectors)
         logger.info("%s: %s", label, {k: round(v, 2) for k, v in systems[label].items() if isinstance(v, float)})
     any_bot = next(iter(bots.values()))[1]
     results = {
@@ -505,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
         "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
         "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, conversations),
-        "retrieval": retrieval_quality(retriever, embedder, examples, gold_vectors, test_examples, args.seed)
+        "retrieval": retrieval_quality(retriever, embedder, examples, query_vectors, gold_vectors, test_examples, args.seed)
         if retriever and not args.perplexity_only else {},
         "anchors": ANCHORS,
     }

@@ -44,12 +44,17 @@ def example_contexts(
     retriever: Retriever | None,
     emotion: EmotionDetector | None,
     k: int,
+    vectors: np.ndarray | None = None,
 ) -> list[ExampleContext]:
-    """Top-k neighbours (never from the example's own conversation) and detected emotion for each example."""
+    """Top-k neighbours (never from the example's own conversation) and detected emotion for each example.
+
+    `vectors`: the examples' query embeddings when the caller already has them (else they are looked up or embedded).
+    """
     if not examples or (retriever is None and emotion is None):
         return [ExampleContext() for _ in examples]
     texts = [query_text(ex.history) for ex in examples]
-    vectors = example_vectors(examples, texts, embedder, retriever)
+    if vectors is None:
+        vectors = example_vectors(examples, texts, embedder, retriever)
     emotions = emotion.predict_batch(texts, vectors) if emotion else [None] * len(examples)
     references = (
         retriever.search_vectors(vectors, k, [[ex.conv_id] for ex in examples]) if retriever else [[]] * len(examples)

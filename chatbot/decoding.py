@@ -40,7 +40,7 @@ from transformers import (
 )
 
 from chatbot.generation import GenerationSettings
-from chatbot.models import ChatModel, is_prompt_learning
+from chatbot.models import ChatModel, is_prompt_learning, position_ids
 from chatbot.prompts import TURN_MARKERS, EncodedExample, clean_reply, first_sentences
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class DecodeLoop:
     def _forward(self, model: PreTrainedModel, input_ids: torch.Tensor, cache: DynamicCache) -> torch.Tensor:
         """Float32 logits of the last position of every row."""
         # Positions count from each row's first real token, as in an unpadded prompt.
-        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        positions = position_ids(self.mask)[:, -input_ids.shape[1]:]
         kwargs = {"adapter_names": self.adapter_names} if self.adapter_names else {}
         with torch.inference_mode():  # per step: the consumer may resume this generator from another thread
             out = model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=cache,

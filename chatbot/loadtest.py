@@ -250,8 +250,9 @@ def summarize(requests: list[Request], monitor: Monitor, users: int, duration_s:
         "compare": [r.latency_s for r in ok if r.kind == "compare"],
     }
     queue = [q for _, _, q in monitor.samples if q is not None]
-    rss_first = monitor.rss_at(min(60.0, wall))
-    rss_last = monitor.rss_at(wall)
+    end = min(duration_s, wall)  # the drain after the last new request is not part of the test's minutes
+    rss_first, rss_last = monitor.rss_at(min(60.0, end)), monitor.rss_at(end)
+    minutes = [monitor.rss_at(t) for t in range(60, int(end) + 1, 60)]
     return {
         "users": users,
         "duration_s": duration_s,
@@ -269,6 +270,7 @@ def summarize(requests: list[Request], monitor: Monitor, users: int, duration_s:
         "rss_first_minute_mb": round(rss_first / 2**20, 1),
         "rss_last_minute_mb": round(rss_last / 2**20, 1),
         "rss_growth": round(rss_last / rss_first - 1, 4) if rss_first else None,
+        "rss_per_minute_mb": [round(rss / 2**20, 1) for rss in minutes],
     }
 
 

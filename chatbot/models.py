@@ -150,6 +150,8 @@ def save_adapter(
         "training_args": training_args or {},
         "metrics": metrics or {},
     }
+    for config in getattr(model, "peft_config", {}).values():  # the model card names the hub id, not a local cache path
+        config.base_model_name_or_path = HUB_IDS.get(base_model, base_model)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".saving-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -197,6 +199,14 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
     """Whether the model carries a peft prompt-learning adapter (virtual tokens: only `generate` handles those)."""
     config = getattr(model, "active_peft_config", None)
     return bool(config and config.is_prompt_learning)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token, so a left-padded row sees the positions of an unpadded one.
+
+    GPT-2 has absolute position embeddings: without this, padding would shift every position of a shorter row.
+    """
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def default_adapter() -> Path | None:

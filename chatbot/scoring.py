@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from chatbot.models import ChatModel, is_prompt_learning
+from chatbot.models import ChatModel, is_prompt_learning, position_ids
 from chatbot.prompts import EncodedExample
 
 Features = Mapping[str, Sequence[int]]
@@ -27,10 +27,8 @@ def pad_batch(batch: Sequence[Features], pad_id: int) -> dict[str, torch.Tensor]
     ids = [[pad_id] * (width - len(ex["input_ids"])) + list(ex["input_ids"]) for ex in batch]
     labels = [[-100] * (width - len(ex["labels"])) + list(ex["labels"]) for ex in batch]
     mask = torch.tensor([[0] * (width - len(ex["input_ids"])) + [1] * len(ex["input_ids"]) for ex in batch])
-    # Positions count from each row's first real token, as in an unpadded prompt (GPT-2 has absolute positions).
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": mask,
-            "position_ids": positions}
+            "position_ids": position_ids(mask)}
 
 
 def reply_loss(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
