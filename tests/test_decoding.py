@@ -127,15 +127,22 @@ def test_compare_with_beam_search_still_works(tiny_chat):
     assert left.done and right.done and left.kind in {"model", "fallback"}
 
 
-def test_int8_copy_with_lora_serves_base_tuned_and_mixed_batches(gpt2_tokenizer):
-    peft_model = get_peft_model(tiny_llama(gpt2_tokenizer), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"))
-    with torch.no_grad():  # make the adapter matter
+def lora_chat(model, tokenizer, config: LoraConfig, name: str) -> ChatModel:
+    """A chat model with a random LoRA adapter that visibly changes its replies."""
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(1)
+    with torch.no_grad():
         for param in peft_model.parameters():
             if param.requires_grad:
                 param.normal_(0, 0.5)
-    chat = wrap_model(peft_model, gpt2_tokenizer, "tiny-llama")
+    chat = wrap_model(peft_model, tokenizer, name)
     chat.adapter_path = "in-memory"  # has_adapter: 'base' systems switch it off
+    return chat
+
+
+def test_int8_copy_with_lora_serves_base_tuned_and_mixed_batches(gpt2_tokenizer):
+    chat = lora_chat(tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), "tiny-llama")
     bot = EmpatheticChatbot(chat, quantize=True)
     assert bot.describe()["generation_weights"].startswith("int8")
     # The fp32 model is untouched and shares its embedding with the copy; LoRA matrices stay float.
@@ -197,3 +204,29 @@ def test_served_path_perplexity_matches_whole_sequence_scoring_in_fp32(tiny_chat
     whole = perplexity(tiny_chat, encoded, [ex.reply for ex in examples])
     assert result["fp32"]["tokens"] == whole["tokens"]
     assert result["fp32"]["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-3)
+
+
+def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tokenizer):
+    from chatbot.bench import DECODE_PATHS, bench_compare, bench_decode, environment, markdown
+
+    chat = lora_chat(tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")
+    bot = EmpatheticChatbot(chat)
+    decode = bench_decode(bot, runs=1)
+    assert set(DECODE_PATHS) - {"llama_cpp"} <= set(decode)
+    assert decode["decode_speedup_vs_generate"] == decode["loop_fp32"]["decode_speedup_vs_generate"] > 0
+    compare = bench_compare(bot, runs=1, left="base", right="tuned")
+    assert set(compare["alone"]) == {"base", "tuned"} and compare["ratio_two_vs_one"] > 0
+    table = markdown({"environment": environment(), "decode": decode, "compare": compare})
+    assert all(label in table for name, label in DECODE_PATHS.items() if name != "llama_cpp")
+
+
+def test_respond_batch_gives_every_dialogue_the_reply_it_gets_alone(tiny_chat):
+    from chatbot.data import LISTENER, SPEAKER, Turn
+
+    bot = EmpatheticChatbot(tiny_chat)
+    dialogues = [("I lost my keys today.", []), ("   ", []),
+                 ("My sister is visiting next week!", [Turn(SPEAKER, "Guess what?"), Turn(LISTENER, "What?")])]
+    batch = bot.respond_batch(dialogues, settings=GREEDY)
+    assert [r.text for r in batch] == [bot.respond(m, h, settings=GREEDY).text for m, h in dialogues]
+    assert [r.kind for r in batch][1] == "empty" and all(r.done for r in batch)
