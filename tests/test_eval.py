@@ -79,7 +79,8 @@ def test_bad_inputs_exit_with_a_message(tmp_path, tiny_model_dir, tiny_adapter, 
     assert not (tmp_path / "results" / "results.json").exists()
 
 
-def test_negative_limit_is_refused(capsys):
+@pytest.mark.parametrize("flags, message", [(["--limit", "-1"], "--limit"), (["--batch-size", "0"], "--batch-size")])
+def test_out_of_range_flags_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main(["--limit", "-1"])
-    assert exit_info.value.code == 2
+        evaluation.main(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
