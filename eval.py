@@ -14,7 +14,7 @@ import logging
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +23,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from chatbot import metrics
-from chatbot.bot import DEFAULT_K, EmpatheticChatbot
+from chatbot.bot import DEFAULT_K, EmpatheticChatbot, Reply
 from chatbot.contexts import example_contexts
 from chatbot.data import (
     LISTENER,
@@ -215,6 +215,21 @@ class SystemCache:
             f.write(json.dumps(row) + "\n")
 
 
+def batched_replies(
+    bot: EmpatheticChatbot,
+    dialogues: Sequence[tuple[str, Sequence[Turn]]],
+    use_retrieval: bool,
+    settings: GenerationSettings,
+    batch_size: int,
+) -> Iterator[tuple[Reply, float]]:
+    """Each (message, history)'s reply, decoded `batch_size` at a time, with its batch's wall time per reply."""
+    for start in range(0, len(dialogues), batch_size):
+        started = time.perf_counter()
+        replies = bot.respond_batch(dialogues[start:start + batch_size], use_retrieval=use_retrieval, settings=settings)
+        seconds = (time.perf_counter() - started) / len(replies)  # throughput, not the latency one user sees
+        yield from ((reply, seconds) for reply in replies)
+
+
 def score_system(
     spec: SystemSpec,
     bot: EmpatheticChatbot,
@@ -224,7 +239,7 @@ def score_system(
     embedder,
     query_vectors: np.ndarray,
     gold_vectors: np.ndarray | None,
-    batch_size: int = 1,
+    batch_size: int,
 ) -> dict:
     """Perplexity of the gold replies, then (given gold vectors) generated replies and their quality metrics."""
     ppl = cache.load_perplexity()
@@ -240,17 +255,12 @@ def score_system(
         return scores
     done = cache.replies()
     pending = [i for i in range(len(examples)) if i not in done]
-    with tqdm(total=len(examples), initial=len(examples) - len(pending), desc=f"replies {spec.label}") as progress:
-        for start in range(0, len(pending), batch_size):
-            chunk = pending[start:start + batch_size]
-            started = time.perf_counter()
-            replies = bot.respond_batch([(examples[i].history[-1].text, examples[i].history[:-1]) for i in chunk],
-                                        use_retrieval=spec.use_retrieval, settings=settings)
-            seconds = (time.perf_counter() - started) / len(chunk)  # throughput: the batch's time per reply
-            for i, reply in zip(chunk, replies):
-                done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds}
-                cache.add_reply(done[i])
-            progress.update(len(chunk))
+    dialogues = [(examples[i].history[-1].text, examples[i].history[:-1]) for i in pending]
+    replies = batched_replies(bot, dialogues, spec.use_retrieval, settings, batch_size)
+    for i, (reply, seconds) in zip(pending, tqdm(replies, total=len(examples), initial=len(examples) - len(pending),
+                                                 desc=f"replies {spec.label}")):
+        done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds}
+        cache.add_reply(done[i])
     rows = [done[i] for i in range(len(examples))]
     replies, golds = [r["reply"] for r in rows], [ex.reply for ex in examples]
     model_rows = [r for r in rows if r["kind"] == "model"]
@@ -323,9 +333,8 @@ def sample_replies(
                  for turns in SAMPLE_PROMPTS[:count]]
     replies: dict[str, list[str]] = {}
     for label, (spec, bot) in tqdm(bots.items(), desc="samples"):
-        replies[label] = [reply.text for start in range(0, len(dialogues), batch_size)
-                          for reply in bot.respond_batch(dialogues[start:start + batch_size],
-                                                         use_retrieval=spec.use_retrieval, settings=settings)]
+        replies[label] = [reply.text for reply, _ in
+                          batched_replies(bot, dialogues, spec.use_retrieval, settings, batch_size)]
     return [{"dialogue": turns, "replies": {label: texts[n] for label, texts in replies.items()}}
             for n, turns in enumerate(SAMPLE_PROMPTS[:count])]
 

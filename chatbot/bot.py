@@ -378,8 +378,8 @@ class EmpatheticChatbot:
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         # The prompt is read in fp32 even when decode steps run in int8 (see chatbot.decoding: activation outliers).
-        loop = DecodeLoop(self.generator, prompts, settings, self._stop_ids, tokenizer.pad_token_id,
-                          names if mixed else None, prefill_model=self.chat.model)
+        loop = DecodeLoop(self.generator, prompts, settings, self._stop_ids, tokenizer.pad_token_id, names,
+                          prefill_model=self.chat.model)
         replies = [ReplyText(settings.max_sentences) for _ in prompts]
         generated: list[list[int]] = [[] for _ in prompts]
         with nullcontext() if mixed else self._adapter_context(use_adapter[0]):
