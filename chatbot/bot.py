@@ -27,7 +27,7 @@ from chatbot.decoding import (
 from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
-from chatbot.models import DEFAULT_BASE_MODEL, ChatModel, ModelLoadError, default_adapter, load_chat_model
+from chatbot.models import DEFAULT_BASE_MODEL, ChatModel, ModelLoadError, adapter_choice, load_chat_model
 from chatbot.prompts import (
     DEFAULT_MAX_PROMPT_TOKENS,
     Prompt,
@@ -154,7 +154,7 @@ class EmpatheticChatbot:
         """
         base_model = base_model or DEFAULT_BASE_MODEL
         notes = []
-        adapter_path = default_adapter() if adapter == "default" else (None if adapter in (None, "none") else adapter)
+        adapter_path = adapter_choice(adapter)
         try:
             chat = load_chat_model(base_model, adapter_path, device)
         except ModelLoadError as err:

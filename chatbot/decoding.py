@@ -42,6 +42,7 @@ from transformers import (
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids
 from chatbot.prompts import TURN_MARKERS, EncodedExample, clean_reply, first_sentences
+from chatbot.runtime import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +234,7 @@ def decode_nll(prefill_model: PreTrainedModel, model: PreTrainedModel, example: 
     return nll, len(reply)
 
 
-def perplexity_check(chat: ChatModel, data_dir: str | None, limit: int = 200, seed: int = 42,
+def perplexity_check(chat: ChatModel, data_dir: str | None, limit: int = 200, seed: int = DEFAULT_SEED,
                      quantized: PreTrainedModel | None = None) -> dict:
     """Held-out reply perplexity, decoded as served, of fp32 and of int8 decode steps, on seeded test examples."""
     from chatbot.data import load_examples
@@ -263,20 +264,19 @@ def perplexity_check(chat: ChatModel, data_dir: str | None, limit: int = 200, se
 
 def main(argv: list[str] | None = None) -> int:
     """Print (and optionally save) the fp32 vs int8 held-out perplexity of the chat model."""
-    from chatbot.models import DEFAULT_BASE_MODEL, default_adapter, load_chat_model
+    from chatbot.models import DEFAULT_BASE_MODEL, adapter_choice, load_chat_model
 
     parser = argparse.ArgumentParser(description="Compare held-out perplexity of the fp32 model and its int8 copy.")
     parser.add_argument("--data-dir", default=None, help="Empathetic Dialogues folder (default: $ED_DATA_DIR)")
     parser.add_argument("--limit", type=int, default=200, help="seeded test examples to score")
-    parser.add_argument("--seed", type=int, default=42, help="seed that picks the examples")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed that picks the examples")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="base model name or folder")
     parser.add_argument("--adapter", default="default",
                         help="adapter folder, 'default' (the shipped one, if any) or 'none'")
     parser.add_argument("--out", default=None, help="also write the JSON result to this file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    adapter = default_adapter() if args.adapter == "default" else (None if args.adapter == "none" else args.adapter)
-    chat = load_chat_model(args.base_model, adapter)
+    chat = load_chat_model(args.base_model, adapter_choice(args.adapter))
     result = perplexity_check(chat, args.data_dir, args.limit, args.seed)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -214,6 +214,13 @@ def default_adapter() -> Path | None:
     return DEFAULT_ADAPTER_DIR if (DEFAULT_ADAPTER_DIR / ADAPTER_META_FILE).exists() else None
 
 
+def adapter_choice(adapter: str | os.PathLike | None) -> str | os.PathLike | None:
+    """An --adapter value as a folder: "default" is the shipped adapter (None when absent), "none" or None is none."""
+    if adapter == "default":
+        return default_adapter()
+    return None if adapter in (None, "none") else adapter
+
+
 def load_chat_model(
     base_model: str = DEFAULT_BASE_MODEL, adapter: str | os.PathLike | None = None, device: str | None = None
 ) -> ChatModel:

@@ -191,7 +191,7 @@ def adapter_for(kind: str, folder: Path, tokenizer) -> Path | None:
 ])
 def test_unfit_adapter_means_the_base_model_runs_and_the_page_says_so(
         kind, says, model_dir, good_index, embedder, crisis, gpt2_tokenizer, app_module, tmp_path, monkeypatch):
-    monkeypatch.setattr("chatbot.bot.default_adapter", lambda: adapter_for(kind, tmp_path, gpt2_tokenizer))
+    monkeypatch.setattr("chatbot.models.default_adapter", lambda: adapter_for(kind, tmp_path, gpt2_tokenizer))
     bot = load_bot(model_dir, good_index, embedder, crisis, monkeypatch, adapter="default")
     assert not bot.chat.has_adapter and bot.retriever is not None
     assert any(says in note for note in bot.notes), bot.notes
