@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,6 +134,24 @@ def read_adapter_meta(adapter_path: Path) -> dict:
         raise ModelLoadError(f"Corrupt adapter metadata {path}: {err}") from err
 
 
+@contextlib.contextmanager
+def _named_as(model: PreTrainedModel, name: str) -> Iterator[None]:
+    """Name the base model `name` while saving, so the adapter config and model card carry the hub id rather than
+    a local cache path; the live model keeps its own names afterwards."""
+    peft_configs = list(getattr(model, "peft_config", {}).values())
+    base_config = model.get_base_model().config if peft_configs else model.config
+    saved = [c.base_model_name_or_path for c in peft_configs], base_config._name_or_path
+    try:
+        for config in peft_configs:
+            config.base_model_name_or_path = name
+        base_config._name_or_path = name
+        yield
+    finally:
+        for config, path in zip(peft_configs, saved[0]):
+            config.base_model_name_or_path = path
+        base_config._name_or_path = saved[1]
+
+
 def save_adapter(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike, base_model: str,
     training_args: dict | None = None, metrics: dict | None = None,
@@ -150,13 +170,12 @@ def save_adapter(
         "training_args": training_args or {},
         "metrics": metrics or {},
     }
-    for config in getattr(model, "peft_config", {}).values():  # the model card names the hub id, not a local cache path
-        config.base_model_name_or_path = HUB_IDS.get(base_model, base_model)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / f".saving-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        model.save_pretrained(staging)
+        with _named_as(model, HUB_IDS.get(base_model, base_model)):
+            model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / ADAPTER_META_FILE).write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
         (out / ADAPTER_META_FILE).unlink(missing_ok=True)

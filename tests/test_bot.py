@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
 from chatbot.bot import EMPTY_MESSAGE_REPLY, ERROR_REPLY, MAX_MESSAGE_CHARS, EmpatheticChatbot, parse_system
 from chatbot.generation import PRESETS, GenerationSettings, preset
-from chatbot.models import ModelLoadError, attach_adapter, save_adapter
+from chatbot.models import HUB_IDS, ModelLoadError, attach_adapter, save_adapter
 from chatbot.safety import CRISIS_REPLY, CrisisScreen
 
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=8)
@@ -145,3 +147,16 @@ def test_a_save_that_fails_leaves_the_previous_adapter_loadable(tiny_chat, gpt2_
     monkeypatch.undo()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # no staging debris, nothing half-written
     assert attach_adapter(tiny_chat, out).adapter_meta["training_args"] == {"run": 1}
+
+
+def test_a_saved_adapter_names_the_hub_id_and_leaves_the_live_config_alone(gpt2_tokenizer, tmp_path):
+    from tests.conftest import make_tiny_gpt2
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    peft_model = get_peft_model(make_tiny_gpt2(gpt2_tokenizer), config)
+    peft_model.peft_config["default"].base_model_name_or_path = "/home/me/.cache/gpt2"
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "gpt2")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == HUB_IDS["gpt2"]
+    assert HUB_IDS["gpt2"] in (tmp_path / "adapter" / "README.md").read_text()
+    assert peft_model.peft_config["default"].base_model_name_or_path == "/home/me/.cache/gpt2"
