@@ -27,7 +27,15 @@ from chatbot.decoding import (
 from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
-from chatbot.models import DEFAULT_BASE_MODEL, ChatModel, ModelLoadError, adapter_choice, load_chat_model
+from chatbot.models import (
+    DEFAULT_BASE_MODEL,
+    ChatModel,
+    ModelLoadError,
+    adapter_choice,
+    is_prompt_learning,
+    load_chat_model,
+    virtual_token_inputs,
+)
 from chatbot.prompts import (
     DEFAULT_MAX_PROMPT_TOKENS,
     Prompt,
@@ -403,6 +411,10 @@ class EmpatheticChatbot:
         # fp32: `generate` reads the prompt with the same model it decodes with (int8 is for decode steps only).
         tokenizer, model = self.chat.tokenizer, self.chat.model
         inputs = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False).to(model.device)
+        if is_prompt_learning(model):
+            if use_adapter:
+                inputs = virtual_token_inputs(model, inputs["input_ids"], inputs["attention_mask"])
+            model = model.get_base_model()
         kwargs = dict(**inputs, **settings.generate_kwargs(), stop_strings=STOP_STRINGS, tokenizer=tokenizer)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)

@@ -220,6 +220,26 @@ def is_prompt_learning(model: torch.nn.Module) -> bool:
     return bool(config and config.is_prompt_learning)
 
 
+def virtual_token_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """`generate` inputs for the base model under a prompt-tuning adapter: its virtual tokens as leading embeddings.
+
+    peft's own `generate` drops the virtual tokens from the KV cache after the first step (peft#1391, #2123), which
+    turns replies into noise; the base model keeps them when they are plain input embeddings. The ids get as many
+    leading copies of the prompt's first token (so the output still starts with the prompt, as elsewhere); a token
+    the prompt already has leaves the repetition penalty unchanged.
+    """
+    batch = input_ids.shape[0]
+    virtual = model.get_prompt(batch_size=batch).to(model.word_embeddings.weight.dtype)
+    count = virtual.shape[1]
+    return {
+        "input_ids": torch.cat([input_ids[:, :1].expand(batch, count), input_ids], dim=1),
+        "inputs_embeds": torch.cat([virtual, model.word_embeddings(input_ids)], dim=1),
+        "attention_mask": torch.cat([attention_mask.new_ones((batch, count)), attention_mask], dim=1),
+    }
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions counted from each row's first real token, so a left-padded row sees the positions of an unpadded one.
 

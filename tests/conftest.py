@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from chatbot.models import ChatModel, packaged_gpt2_tokenizer, wrap_model
 from chatbot.runtime import PROJECT_ROOT
@@ -100,6 +100,15 @@ def make_tiny_gpt2(tokenizer, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=1024, n_embd=32, n_layer=2, n_head=2)
     return GPT2LMHeadModel(config)
+
+
+def make_tiny_llama(tokenizer) -> LlamaForCausalLM:
+    """A random 2-layer Llama (SmolLM2's architecture: GQA, RoPE, tied embeddings) with the GPT-2 vocabulary."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+    return LlamaForCausalLM(config)
 
 
 @pytest.fixture

@@ -160,3 +160,34 @@ def test_a_saved_adapter_names_the_hub_id_and_leaves_the_live_config_alone(gpt2_
     assert saved["base_model_name_or_path"] == HUB_IDS["gpt2"]
     assert HUB_IDS["gpt2"] in (tmp_path / "adapter" / "README.md").read_text()
     assert peft_model.peft_config["default"].base_model_name_or_path == "/home/me/.cache/gpt2"
+
+
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_prompt_tuning_replies_keep_the_virtual_tokens_while_decoding(architecture, gpt2_tokenizer, tmp_path):
+    """peft's cached `generate` loses the virtual tokens after one step; the bot must match an uncached decode."""
+    from chatbot.decoding import ReplyText
+    from chatbot.models import wrap_model
+    from chatbot.prompts import build_prompt
+    from tests.conftest import make_tiny_gpt2, make_tiny_llama
+
+    make = make_tiny_gpt2 if architecture == "gpt2" else make_tiny_llama
+    name = f"tiny-{architecture}"
+    peft_model = get_peft_model(make(gpt2_tokenizer), PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", name)
+    tuned = attach_adapter(wrap_model(make(gpt2_tokenizer), gpt2_tokenizer, name, "cpu"), tmp_path / "adapter")
+    settings = GREEDY.updated(repetition_penalty=1.0, max_sentences=0, max_new_tokens=24)
+    ids = gpt2_tokenizer(build_prompt(gpt2_tokenizer, "hello").text, return_tensors="pt",
+                         add_special_tokens=False)["input_ids"]
+    prompt_length = ids.shape[1]
+    with torch.no_grad():  # every step reads the whole sequence through peft's forward: no cache to lose tokens
+        for _ in range(settings.max_new_tokens):
+            logits = tuned.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    expected = ReplyText(settings.max_sentences)
+    expected.set_raw(gpt2_tokenizer.decode(ids[0, prompt_length:]))
+    reply = EmpatheticChatbot(tuned).respond("hello", settings=settings, system="tuned")
+    assert reply.text == expected.shown and reply.text

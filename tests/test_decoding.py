@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from chatbot.bot import EmpatheticChatbot
 from chatbot.decoding import DecodeLoop, ReplyText, quantizable_linears, quantized_copy, stop_token_ids, supports
 from chatbot.generation import PRESETS, preset
 from chatbot.models import ChatModel, packaged_gguf, wrap_model
+from tests.conftest import make_tiny_llama
 
 PROMPTS = ["I lost my keys today and I am late for work.", "My sister is visiting next week!"]
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=12, max_sentences=0)
@@ -40,15 +40,6 @@ def encode(chat: ChatModel, text: str) -> list[int]:
     return chat.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tiny_llama(tokenizer) -> LlamaForCausalLM:
-    """A random 2-layer Llama (SmolLM2's architecture: GQA, RoPE, tied embeddings) with the GPT-2 vocabulary."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config)
-
-
 @pytest.mark.parametrize("name", ["greedy", "chat"])
 def test_loop_matches_generate_greedy(tiny_chat, name):
     settings = preset(name).updated(max_new_tokens=16)
@@ -67,7 +58,7 @@ def test_loop_matches_generate_seeded_sampling_and_ngram_ban(tiny_chat):
 
 
 def test_left_padded_batch_matches_single_rows(tiny_chat, gpt2_tokenizer):
-    for chat in (tiny_chat, wrap_model(tiny_llama(gpt2_tokenizer), gpt2_tokenizer, "tiny-llama", "cpu")):
+    for chat in (tiny_chat, wrap_model(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, "tiny-llama", "cpu")):
         prompts = [encode(chat, text) for text in PROMPTS]
         assert len(prompts[0]) != len(prompts[1])  # so one row is padded
         batch = loop_tokens(chat, prompts, GREEDY)
@@ -141,7 +132,7 @@ def lora_chat(model, tokenizer, config: LoraConfig, name: str) -> ChatModel:
 
 
 def test_int8_copy_with_lora_serves_base_tuned_and_mixed_batches(gpt2_tokenizer):
-    chat = lora_chat(tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
+    chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), "tiny-llama")
     bot = EmpatheticChatbot(chat, quantize=True)
     assert bot.describe()["generation_weights"].startswith("int8")
@@ -209,7 +200,7 @@ def test_served_path_perplexity_matches_whole_sequence_scoring_in_fp32(tiny_chat
 def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tokenizer):
     from chatbot.bench import DECODE_PATHS, bench_compare, bench_decode, environment, markdown
 
-    chat = lora_chat(tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
+    chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")
     bot = EmpatheticChatbot(chat)
     decode = bench_decode(bot, runs=1)
