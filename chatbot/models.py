@@ -134,21 +134,27 @@ def read_adapter_meta(adapter_path: Path) -> dict:
         raise ModelLoadError(f"Corrupt adapter metadata {path}: {err}") from err
 
 
+# peft config fields that name the base model (the tokenizer one: prompt tuning initialised from text).
+_NAME_FIELDS = ("base_model_name_or_path", "tokenizer_name_or_path")
+
+
 @contextlib.contextmanager
 def _named_as(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Name the base model `name` while saving, so the adapter config and model card carry the hub id rather than
     a local cache path; the live model keeps its own names afterwards."""
     peft_configs = list(getattr(model, "peft_config", {}).values())
     base_config = model.get_base_model().config if peft_configs else model.config
-    saved = [c.base_model_name_or_path for c in peft_configs], base_config._name_or_path
+    renamed = [(config, field_name) for config in peft_configs for field_name in _NAME_FIELDS
+               if field_name == "base_model_name_or_path" or getattr(config, field_name, None)]
+    saved = [getattr(config, field_name) for config, field_name in renamed], base_config._name_or_path
     try:
-        for config in peft_configs:
-            config.base_model_name_or_path = name
+        for config, field_name in renamed:
+            setattr(config, field_name, name)
         base_config._name_or_path = name
         yield
     finally:
-        for config, path in zip(peft_configs, saved[0]):
-            config.base_model_name_or_path = path
+        for (config, field_name), value in zip(renamed, saved[0]):
+            setattr(config, field_name, value)
         base_config._name_or_path = saved[1]
 
 

@@ -161,6 +161,13 @@ def test_a_saved_adapter_names_the_hub_id_and_leaves_the_live_config_alone(gpt2_
     assert HUB_IDS["gpt2"] in (tmp_path / "adapter" / "README.md").read_text()
     assert peft_model.peft_config["default"].base_model_name_or_path == "/home/me/.cache/gpt2"
 
+    prompt_tuning = get_peft_model(make_tiny_gpt2(gpt2_tokenizer), PromptTuningConfig(
+        num_virtual_tokens=2, task_type="CAUSAL_LM", tokenizer_name_or_path="/home/me/.cache/gpt2"))
+    save_adapter(prompt_tuning, gpt2_tokenizer, tmp_path / "prompt", "gpt2")
+    saved = json.loads((tmp_path / "prompt" / "adapter_config.json").read_text())
+    assert saved["tokenizer_name_or_path"] == saved["base_model_name_or_path"] == HUB_IDS["gpt2"]
+    assert prompt_tuning.peft_config["default"].tokenizer_name_or_path == "/home/me/.cache/gpt2"
+
 
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_prompt_tuning_replies_keep_the_virtual_tokens_while_decoding(architecture, gpt2_tokenizer, tmp_path):
