@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from chatbot.bot import MAX_MESSAGE_CHARS, SYSTEMS, EmpatheticChatbot, Reply, normalize_message
 from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, GenerationSettings
+from chatbot.models import DEFAULT_ADAPTER_DIR
 from chatbot.retriever import build_from_data
 from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT, default_index_dir, limit_malloc_arenas
 
@@ -530,7 +531,8 @@ def about_tab(bot: EmpatheticChatbot) -> None:
             figure(ASSETS_DIR / "figures" / "emotion_distribution.png", "Emotions in the training data",
                    "It is produced by the data exploration step.")
         with gr.Column():
-            figure(ASSETS_DIR / "adapters" / "lora-rag" / "loss.png", "Training loss of the tuned adapter",
+            adapter = bot.chat.adapter_path
+            figure((adapter or DEFAULT_ADAPTER_DIR) / "loss.png", "Training loss of the tuned adapter",
                    "Train the adapter with `python train.py` to produce it.")
     results_md = ASSETS_DIR / "results" / "results.md"
     if results_md.exists():
@@ -550,6 +552,11 @@ def about_tab(bot: EmpatheticChatbot) -> None:
     else:
         gr.Markdown("**Evaluation chart** is missing: no `assets/results/*.png` yet. "
                     "Run `python eval.py` to produce it.", elem_classes="ed-missing")
+
+    methods_md = ASSETS_DIR / "results" / "training" / "results.md"
+    if methods_md.exists():  # eval.py --perplexity-only over every shipped adapter
+        gr.Markdown("### Fine-tuning methods: base, prompt tuning and LoRA, with and without retrieval")
+        gr.Markdown(methods_md.read_text(encoding="utf-8"))
 
     gr.Markdown("## Models in use")
     gr.Markdown(models_markdown(bot.describe()))
