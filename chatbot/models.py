@@ -143,19 +143,19 @@ def _named_as(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Name the base model `name` while saving, so the adapter config and model card carry the hub id rather than
     a local cache path; the live model keeps its own names afterwards."""
     peft_configs = list(getattr(model, "peft_config", {}).values())
-    base_config = model.get_base_model().config if peft_configs else model.config
+    base = model.get_base_model() if peft_configs else model
+    # peft's model card reads the base model's config (base_model) and its name_or_path attribute (tags).
     renamed = [(config, field_name) for config in peft_configs for field_name in _NAME_FIELDS
                if field_name == "base_model_name_or_path" or getattr(config, field_name, None)]
-    saved = [getattr(config, field_name) for config, field_name in renamed], base_config._name_or_path
+    renamed += [(base.config, "_name_or_path"), (base, "name_or_path")]
+    saved = [getattr(owner, field_name, None) for owner, field_name in renamed]
     try:
-        for config, field_name in renamed:
-            setattr(config, field_name, name)
-        base_config._name_or_path = name
+        for owner, field_name in renamed:
+            setattr(owner, field_name, name)
         yield
     finally:
-        for (config, field_name), value in zip(renamed, saved[0]):
-            setattr(config, field_name, value)
-        base_config._name_or_path = saved[1]
+        for (owner, field_name), value in zip(renamed, saved):
+            setattr(owner, field_name, value)
 
 
 def save_adapter(

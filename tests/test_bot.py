@@ -158,7 +158,8 @@ def test_a_saved_adapter_names_the_hub_id_and_leaves_the_live_config_alone(gpt2_
     save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "gpt2")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == HUB_IDS["gpt2"]
-    assert HUB_IDS["gpt2"] in (tmp_path / "adapter" / "README.md").read_text()
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    assert f"base_model: {HUB_IDS['gpt2']}" in card and f"base_model:adapter:{HUB_IDS['gpt2']}" in card
     assert peft_model.peft_config["default"].base_model_name_or_path == "/home/me/.cache/gpt2"
 
     prompt_tuning = get_peft_model(make_tiny_gpt2(gpt2_tokenizer), PromptTuningConfig(
