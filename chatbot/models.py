@@ -134,10 +134,6 @@ def read_adapter_meta(adapter_path: Path) -> dict:
         raise ModelLoadError(f"Corrupt adapter metadata {path}: {err}") from err
 
 
-# peft config fields that name the base model (the tokenizer one: prompt tuning initialised from text).
-_NAME_FIELDS = ("base_model_name_or_path", "tokenizer_name_or_path")
-
-
 @contextlib.contextmanager
 def _named_as(model: PreTrainedModel, name: str) -> Iterator[None]:
     """Name the base model `name` while saving, so the adapter config and model card carry the hub id rather than
@@ -145,9 +141,11 @@ def _named_as(model: PreTrainedModel, name: str) -> Iterator[None]:
     peft_configs = list(getattr(model, "peft_config", {}).values())
     base = model.get_base_model() if peft_configs else model
     # peft's model card reads the base model's config (base_model) and its name_or_path attribute (tags).
-    renamed = [(config, field_name) for config in peft_configs for field_name in _NAME_FIELDS
-               if field_name == "base_model_name_or_path" or getattr(config, field_name, None)]
-    renamed += [(base.config, "_name_or_path"), (base, "name_or_path")]
+    renamed = [(base.config, "_name_or_path"), (base, "name_or_path")]
+    for config in peft_configs:
+        renamed.append((config, "base_model_name_or_path"))
+        if getattr(config, "tokenizer_name_or_path", None):  # prompt tuning initialised from text
+            renamed.append((config, "tokenizer_name_or_path"))
     saved = [getattr(owner, field_name, None) for owner, field_name in renamed]
     try:
         for owner, field_name in renamed:
