@@ -111,6 +111,38 @@ def make_tiny_llama(tokenizer) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def random_adapter(model, config, seed: int | None = None):
+    """`model` under a peft adapter whose trainable weights are random, so the adapter visibly changes replies."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, config)
+    if seed is not None:
+        torch.manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    return peft_model
+
+
+def uncached_greedy_reply(model, tokenizer, prompt_text: str, settings) -> str | None:
+    """The reply, as the bot shows it, of a greedy decode that reads the whole sequence at every step (no KV cache)."""
+    from chatbot.decoding import ReplyText, stop_token_ids
+
+    stop_ids = stop_token_ids(model, tokenizer)
+    ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    prompt_length = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(settings.max_new_tokens):
+            next_id = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1:].argmax(-1)
+            if next_id.item() in stop_ids:
+                break
+            ids = torch.cat([ids, next_id], dim=1)
+    reply = ReplyText(settings.max_sentences)
+    reply.set_raw(tokenizer.decode(ids[0, prompt_length:]))
+    return reply.shown
+
+
 @pytest.fixture
 def tiny_chat(gpt2_tokenizer) -> ChatModel:
     """A ready-to-chat tiny GPT-2 (fresh per test: tests may attach adapters)."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
 from chatbot.bot import EMPTY_MESSAGE_REPLY, ERROR_REPLY, MAX_MESSAGE_CHARS, EmpatheticChatbot, parse_system
 from chatbot.generation import PRESETS, GenerationSettings, preset
 from chatbot.models import HUB_IDS, ModelLoadError, attach_adapter, save_adapter
 from chatbot.safety import CRISIS_REPLY, CrisisScreen
+from tests.conftest import random_adapter
 
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=8)
 
@@ -106,11 +106,7 @@ def test_adapter_round_trip_and_base_switch(tiny_chat, gpt2_tokenizer, tmp_path,
         if kind == "lora"
         else PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
     )
-    peft_model = get_peft_model(make_tiny_gpt2(gpt2_tokenizer), config)
-    with torch.no_grad():  # make the adapter matter, so loading it visibly changes the output
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
+    peft_model = random_adapter(make_tiny_gpt2(gpt2_tokenizer), config)  # loading it visibly changes the output
     save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "tiny-gpt2", {"method": kind}, {"x": 1})
 
     tuned = attach_adapter(tiny_chat, tmp_path / "adapter")
@@ -173,29 +169,16 @@ def test_a_saved_adapter_names_the_hub_id_and_leaves_the_live_config_alone(gpt2_
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_prompt_tuning_replies_keep_the_virtual_tokens_while_decoding(architecture, gpt2_tokenizer, tmp_path):
     """peft's cached `generate` loses the virtual tokens after one step; the bot must match an uncached decode."""
-    from chatbot.decoding import ReplyText
     from chatbot.models import wrap_model
     from chatbot.prompts import build_prompt
-    from tests.conftest import make_tiny_gpt2, make_tiny_llama
+    from tests.conftest import make_tiny_gpt2, make_tiny_llama, uncached_greedy_reply
 
     make = make_tiny_gpt2 if architecture == "gpt2" else make_tiny_llama
     name = f"tiny-{architecture}"
-    peft_model = get_peft_model(make(gpt2_tokenizer), PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"))
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
+    peft_model = random_adapter(make(gpt2_tokenizer), PromptTuningConfig(num_virtual_tokens=16, task_type="CAUSAL_LM"))
     save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", name)
     tuned = attach_adapter(wrap_model(make(gpt2_tokenizer), gpt2_tokenizer, name, "cpu"), tmp_path / "adapter")
     settings = GREEDY.updated(repetition_penalty=1.0, max_sentences=0, max_new_tokens=24)
-    ids = gpt2_tokenizer(build_prompt(gpt2_tokenizer, "hello").text, return_tensors="pt",
-                         add_special_tokens=False)["input_ids"]
-    prompt_length = ids.shape[1]
-    with torch.no_grad():  # every step reads the whole sequence through peft's forward: no cache to lose tokens
-        for _ in range(settings.max_new_tokens):
-            logits = tuned.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
-    expected = ReplyText(settings.max_sentences)
-    expected.set_raw(gpt2_tokenizer.decode(ids[0, prompt_length:]))
+    expected = uncached_greedy_reply(tuned.model, gpt2_tokenizer, build_prompt(gpt2_tokenizer, "hello").text, settings)
     reply = EmpatheticChatbot(tuned).respond("hello", settings=settings, system="tuned")
-    assert reply.text == expected.shown and reply.text
+    assert reply.text == expected and reply.text

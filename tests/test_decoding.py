@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 
 from chatbot.bot import EmpatheticChatbot
 from chatbot.decoding import DecodeLoop, ReplyText, quantizable_linears, quantized_copy, stop_token_ids, supports
 from chatbot.generation import PRESETS, preset
 from chatbot.models import ChatModel, packaged_gguf, wrap_model
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, random_adapter
 
 PROMPTS = ["I lost my keys today and I am late for work.", "My sister is visiting next week!"]
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=12, max_sentences=0)
@@ -120,13 +120,7 @@ def test_compare_with_beam_search_still_works(tiny_chat):
 
 def lora_chat(model, tokenizer, config: LoraConfig, name: str) -> ChatModel:
     """A chat model with a random LoRA adapter that visibly changes its replies."""
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
-    chat = wrap_model(peft_model, tokenizer, name)
+    chat = wrap_model(random_adapter(model, config, seed=1), tokenizer, name)
     chat.adapter_path = "in-memory"  # has_adapter: 'base' systems switch it off
     return chat
 
