@@ -29,8 +29,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from chatbot.data import SPEAKER, Turn, load_examples
-from chatbot.decoding import DecodeLoop, perplexity_check, quantized_copy
 from chatbot.embeddings import embed
+from chatbot.engine import Decoder, OrtBackend, Row, TorchBackend, served_perplexity
 from chatbot.generation import PRESETS, GenerationSettings
 from chatbot.loadtest import AppServer, run_load
 from chatbot.models import packaged_gguf
@@ -47,8 +47,8 @@ FIXED = PRESETS["greedy"].updated(max_new_tokens=NEW_TOKENS, max_sentences=0)
 # Decode measures in report order, with their table labels.
 DECODE_PATHS = {
     "generate_fp32": "plain `generate`, fp32 (baseline)",
-    "loop_fp32": "decode loop, fp32 (served)",
-    "loop_int8": "decode loop, int8 steps (opt-in)",
+    "transformers": "Decoder on transformers, fp32 (reference engine)",
+    "onnxruntime-genai": "Decoder on onnxruntime-genai (served)",
     "llama_cpp": "llama.cpp on the base GGUF",
 }
 
@@ -60,12 +60,9 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "n": len(samples)}
 
 
-def repeat(measure: Callable[[], dict[str, float]], runs: int, warmup: int = 1) -> dict[str, dict]:
-    """Run `measure` warm-up + `runs` times; p50/p95 of every timing it returns (seconds in, ms out)."""
-    for _ in range(warmup):
-        measure()
-    rows = [measure() for _ in range(runs)]
-    return {key: percentiles([row[key] for row in rows]) for key in rows[0]}
+def repeat(measure: Callable[[], dict[str, float]], runs: int) -> dict[str, dict]:
+    """Run `measure` once to warm up, then `runs` times; p50/p95 of every timing it returns (seconds in, ms out)."""
+    return repeat_interleaved({"measure": measure}, runs)["measure"]
 
 
 class _TokenClock(BaseStreamer):
@@ -103,13 +100,19 @@ def time_generate(model: torch.nn.Module, prompt: list[int]) -> dict[str, float]
     return decode_timings(started, clock.times)
 
 
-def time_loop(model: torch.nn.Module, prompts: list[list[int]], pad_id: int,
-              prefill_model: torch.nn.Module | None = None) -> dict[str, float]:
-    """One DecodeLoop run (greedy, exactly NEW_TOKENS, no stop tokens) over one or more prompts."""
+def backend_for(bot: object, engine: str, rows: list[Row]) -> object:
+    """A fresh backend of the named engine for these rows."""
+    return OrtBackend(bot.onnx, rows, NEW_TOKENS) if engine == OrtBackend.name else TorchBackend(bot.chat, rows)
+
+
+def time_decoder(bot: object, engine: str, rows: list[Row], settings: GenerationSettings = FIXED) -> dict[str, float]:
+    """One Decoder run (exactly NEW_TOKENS tokens, no stop tokens) of these rows on the named engine."""
     times = []
     started = time.perf_counter()
-    for _ in DecodeLoop(model, prompts, FIXED, set(), pad_id, prefill_model=prefill_model):
+    backend = backend_for(bot, engine, rows)
+    for _ in Decoder(backend, rows, settings, set(), bot.chat.tokenizer.pad_token_id):
         times.append(time.perf_counter())
+    backend.close()
     return decode_timings(started, times)
 
 
@@ -119,23 +122,73 @@ def summarize_decode(stats: dict[str, dict]) -> dict:
             "decode_tokens_per_s": round(1000 / stats["per_token"]["p50_ms"], 2)}
 
 
+def engines(bot: object) -> list[str]:
+    """The engines this bot can decode with, reference first."""
+    return [TorchBackend.name] + ([OrtBackend.name] if bot.onnx else [])
+
+
 def bench_decode(bot: object, runs: int) -> dict:
-    """Plain fp32 `generate` (baseline) vs the decode loop on fp32 and on an int8 copy, all on the tuned model."""
+    """Plain fp32 `generate` (baseline) vs the Decoder on each engine, all on the tuned model, interleaved."""
     tokenizer = bot.chat.tokenizer
     prompt = tokenizer(bot.prompt_for(REPORT_MESSAGE, [], [], None).text, add_special_tokens=False)["input_ids"]
-    pad = tokenizer.pad_token_id
-    results = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "adapter": bot.describe()["adapter"],
-               "generate_fp32": summarize_decode(repeat(lambda: time_generate(bot.chat.model, prompt), runs)),
-               "loop_fp32": summarize_decode(repeat(lambda: time_loop(bot.chat.model, [prompt], pad), runs))}
-    # The opt-in int8 path: the prompt is read in fp32, decode steps run in int8 (chatbot.decoding explains why).
-    steps = bot.generator if bot.quantized else quantized_copy(bot.chat.model)
-    results["loop_int8"] = summarize_decode(repeat(lambda: time_loop(steps, [prompt], pad, bot.chat.model), runs))
+    row = [Row(tuple(prompt), True, False)]
+    measures = {"generate_fp32": lambda: time_generate(bot.chat.model, prompt)}
+    measures.update({name: functools.partial(time_decoder, bot, name, row) for name in engines(bot)})
+    results = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "adapter": bot.describe()["adapter"]}
+    results.update({name: summarize_decode(stats) for name, stats in repeat_interleaved(measures, runs).items()})
     base = results["generate_fp32"]["decode_tokens_per_s"]
-    for name in ("loop_fp32", "loop_int8"):
+    for name in engines(bot):
         results[name]["decode_speedup_vs_generate"] = round(results[name]["decode_tokens_per_s"] / base, 2)
-    # Served by default: fp32 (int8 stays opt-in until it passes the 1% perplexity check).
-    results["decode_speedup_vs_generate"] = results["loop_fp32"]["decode_speedup_vs_generate"]
+        results[name]["ttft_vs_generate"] = round(results[name]["time_to_first_token"]["p50_ms"]
+                                                  / results["generate_fp32"]["time_to_first_token"]["p50_ms"], 2)
+    results["served_engine"] = bot.engine_for(FIXED)
+    results["decode_speedup_vs_generate"] = results[results["served_engine"]]["decode_speedup_vs_generate"]
     return results
+
+
+def repeat_interleaved(measures: dict[str, Callable[[], dict[str, float]]], runs: int) -> dict[str, dict]:
+    """Like `repeat`, but the measures take turns run by run, so a noisy spell hits them all alike."""
+    for measure in measures.values():
+        measure()
+    rows: dict[str, list[dict]] = {name: [] for name in measures}
+    for _ in range(runs):
+        for name, measure in measures.items():
+            rows[name].append(measure())
+    return {name: {key: percentiles([r[key] for r in rs]) for key in rs[0]} for name, rs in rows.items()}
+
+
+def bench_candidates(bot: object, runs: int, n: int = 4) -> dict:
+    """n candidates for one message (one generator, n rows) vs one reply, exactly NEW_TOKENS tokens each."""
+    tokenizer = bot.chat.tokenizer
+    prompt = tuple(tokenizer(bot.prompt_for(REPORT_MESSAGE, [], [], None).text, add_special_tokens=False)["input_ids"])
+    engine = bot.engine_for(FIXED)
+    many = [Row(prompt, True, i > 0, 42 + i) for i in range(n)]
+    stats = repeat_interleaved({"one": functools.partial(time_decoder, bot, engine, many[:1]),
+                                "many": functools.partial(time_decoder, bot, engine, many)}, runs)
+    return {"engine": engine, "candidates": n, "one": stats["one"]["total"], "many": stats["many"]["total"],
+            "ratio": round(stats["many"]["total"]["p50_ms"] / stats["one"]["total"]["p50_ms"], 2)}
+
+
+def bench_greedy_identity(bot: object, data_dir: str | None, prompts: int, new_tokens: int = 32) -> dict:
+    """On fixed test-split prompts (with retrieval), base and tuned: does the served engine pick transformers' tokens?"""
+    settings = PRESETS["greedy"].updated(max_new_tokens=new_tokens, max_sentences=0)
+    examples = load_examples(data_dir, "test", limit=prompts)
+    result = {"prompts": len(examples), "new_tokens": new_tokens, "engine": bot.engine_for(settings)}
+    for system, adapter in (("base", False), ("tuned", True)):
+        same = 0
+        for example in examples:
+            history, message = list(example.history[:-1]), example.history[-1].text
+            emotion, retrieved = bot.analyse(message, history)
+            text = bot.prompt_for(message, history, retrieved, emotion.label if emotion else None).text
+            row = [Row(tuple(bot.chat.tokenizer(text, add_special_tokens=False)["input_ids"]), adapter, False)]
+            outputs = []
+            for engine in (TorchBackend.name, result["engine"]):
+                backend = backend_for(bot, engine, row)
+                decoder = Decoder(backend, row, settings, bot._stop_ids, bot.chat.tokenizer.pad_token_id)
+                outputs.append([t for step in decoder for t in step])
+            same += outputs[0] == outputs[1]
+        result[system] = same
+    return result
 
 
 def bench_llama_cpp(prompt_text: str, runs: int) -> dict | None:
@@ -325,11 +378,18 @@ def markdown(report: dict) -> str:
         if lat.get("n"):
             rows.append(("Load: latency p50 / p95 (s)", f"{lat['p50_s']:.1f} / {lat['p95_s']:.1f}", ""))
         rows.append(("Load: errors / peak app RSS (MB)", f"{load['errors']} / {load['rss_peak_mb']:.0f}", ""))
+    if "candidates" in report:
+        c = report["candidates"]
+        rows.append((f"{c['candidates']} candidates / one reply ({c['engine']}, time)", f"{c['ratio']:.2f}x", ""))
+    if "greedy_identity" in report:
+        g = report["greedy_identity"]
+        rows.append((f"Greedy tokens identical to transformers ({g['new_tokens']} tokens), base / tuned",
+                     f"{g['base']}/{g['prompts']} / {g['tuned']}/{g['prompts']}", ""))
     ppl = report.get("perplexity")
     if ppl:
-        rows.append((f"Held-out perplexity fp32 → int8 ({ppl['examples']} test examples)",
-                     f"{ppl['fp32']['perplexity']:.3f} → {ppl['int8']['perplexity']:.3f}",
-                     f"{ppl['relative_increase']:+.2%}"))
+        for system, v in ppl["systems"].items():
+            rows.append((f"Held-out perplexity, {system}: transformers → served ({ppl['examples']} test replies)",
+                         f"{v['transformers']:.3f} → {v['served']:.3f}", f"{v['delta_pct']:+.3f}%"))
     lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows[1:]]
     env = report["environment"]
     header = (f"Benchmark of {env['date']} on {env['cpu']} ({env['threads']} torch threads), torch {env['torch']}, "
@@ -361,14 +421,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-users", type=int, default=8, help="concurrent simulated users in the load test")
     parser.add_argument("--load-duration", type=float, default=60.0, help="seconds of load")
     parser.add_argument("--perplexity-examples", type=int, default=200,
-                        help="seeded test examples for the fp32 vs int8 perplexity check")
+                        help="seeded test examples for the served vs transformers perplexity check")
+    parser.add_argument("--greedy-prompts", type=int, default=20,
+                        help="fixed test prompts on which served and transformers greedy tokens are compared")
     parser.add_argument("--skip-model-load", action="store_true", help="skip timing model load in fresh processes")
     parser.add_argument("--skip-first-start", action="store_true",
                         help="time only the cached start (skip the ~40 s GGUF conversion of a first start)")
     parser.add_argument("--skip-app", action="store_true", help="skip app start-up and the load test")
     parser.add_argument("--skip-load", action="store_true", help="skip the load test (still time app start-up)")
     parser.add_argument("--skip-index-build", action="store_true", help="skip index build throughput")
-    parser.add_argument("--skip-perplexity", action="store_true", help="skip the fp32 vs int8 perplexity check")
+    parser.add_argument("--skip-perplexity", action="store_true", help="skip the served vs transformers perplexity check")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -381,11 +443,13 @@ def main(argv: list[str] | None = None) -> int:
         report["model_load"] = bench_model_load(args.skip_first_start)
     started = time.perf_counter()
     # As served by default (fp32; bench_decode and the perplexity check make their own int8 copies).
-    bot = EmpatheticChatbot.from_pretrained(index_dir=args.index_dir, quantize=False)
+    bot = EmpatheticChatbot.from_pretrained(index_dir=args.index_dir)
     report["model_load_in_process_s"] = round(time.perf_counter() - started, 2)
-    report["bot"] = {k: v for k, v in bot.describe().items() if k in ("base_model", "adapter", "generation_weights")}
+    report["bot"] = {k: v for k, v in bot.describe().items() if k in ("base_model", "adapter", "engine")}
     logger.info("Timing decoding")
     report["decode"] = bench_decode(bot, args.runs)
+    report["candidates"] = bench_candidates(bot, args.runs)
+    report["greedy_identity"] = bench_greedy_identity(bot, args.data_dir, args.greedy_prompts)
     prompt_text = bot.prompt_for(REPORT_MESSAGE, [], [], None).text
     if not args.skip_llama_cpp and (llama := bench_llama_cpp(prompt_text, args.runs)):
         llama["decode_speedup_vs_generate"] = round(
@@ -400,14 +464,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_index_build:
         logger.info("Timing an index build on %d texts", args.index_texts)
         report["index_build"] = bench_index_build(bot, args.data_dir, args.index_texts)
-    if not args.skip_perplexity:
-        logger.info("Perplexity of fp32 vs int8 on %d test examples", args.perplexity_examples)
-        report["perplexity"] = perplexity_check(bot.chat, args.data_dir, args.perplexity_examples)
+    if not args.skip_perplexity and bot.onnx:
+        logger.info("Served vs transformers perplexity on %d test examples", args.perplexity_examples)
+        report["perplexity"] = served_perplexity(bot.chat, bot.onnx, args.data_dir, args.perplexity_examples)
     if not args.skip_app:
         logger.info("Timing app start-up%s", "" if args.skip_load else " and the load test")
         del bot  # the app loads its own copy: do not hold two
         report["app"] = bench_app(args.load_users, args.load_duration, args.skip_load)
+    report["served_engine"] = report["decode"]["served_engine"]
     report["decode_speedup_vs_generate"] = report["decode"]["decode_speedup_vs_generate"]
+    identity = report["greedy_identity"]
+    report["greedy_prompts"] = identity["prompts"]
+    report["greedy_identical_prompts"] = {"base": identity["base"], "tuned": identity["tuned"]}
+    if "perplexity" in report:
+        report["served_ppl_delta_pct"] = {k: v["delta_pct"] for k, v in report["perplexity"]["systems"].items()}
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "bench.md").write_text(markdown(report), encoding="utf-8")
     logger.info("Wrote %s and %s", out_dir / "bench.json", out_dir / "bench.md")

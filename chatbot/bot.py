@@ -7,7 +7,7 @@ import os
 import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -16,16 +16,20 @@ from sentence_transformers import SentenceTransformer
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chatbot.data import SPEAKER, Turn
-from chatbot.decoding import (
-    BASE_ADAPTER,
-    DecodeLoop,
-    ReplyText,
-    quantized_copy,
-    stop_token_ids,
-    supports,
-)
 from chatbot.embeddings import embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
+from chatbot.engine import (
+    Decoder,
+    ExportError,
+    OnnxModel,
+    OrtBackend,
+    ReplyText,
+    TorchBackend,
+    candidate_rows,
+    decoder_supports,
+    load_onnx,
+    stop_token_ids,
+)
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
 from chatbot.models import (
     DEFAULT_BASE_MODEL,
@@ -43,7 +47,7 @@ from chatbot.prompts import (
     history_from_messages,
 )
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
-from chatbot.runtime import default_index_dir
+from chatbot.runtime import default_index_dir, engine_choice
 from chatbot.safety import CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
 
 logger = logging.getLogger(__name__)
@@ -55,9 +59,6 @@ DEFAULT_K = 3  # retrieved dialogues per prompt: more lengthen the prompt (and t
 EMPTY_MESSAGE_REPLY = "I'm here whenever you're ready. Tell me what's on your mind."
 ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could you say that again?"
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
-QUANTIZE_ENV = "ED_QUANTIZE"  # "1": replies decoded by an int8 copy of the model (see chatbot.decoding); "0": fp32
-# Off: `make bench` measured held-out perplexity +4.6% over fp32 (200 test replies), past the 1% we accept.
-QUANTIZE_BY_DEFAULT = False
 
 
 @dataclass
@@ -73,6 +74,8 @@ class Reply:
     truncated_input: bool = False
     done: bool = True
     notes: list[str] = field(default_factory=list)
+    engine: str | None = None  # which engine wrote the text (None: no model ran)
+    candidates: list[str] = field(default_factory=list)  # every decoded candidate; `text` is the one shown
 
     @property
     def crisis(self) -> bool:
@@ -91,6 +94,7 @@ class Reply:
             "prompt_tokens": self.prompt_tokens,
             "truncated_input": self.truncated_input,
             "notes": list(self.notes),
+            "engine": self.engine,
         }
 
 
@@ -126,14 +130,11 @@ class EmpatheticChatbot:
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         notes: Sequence[str] = (),
         embedder: SentenceTransformer | None = None,
-        quantize: bool = False,
+        onnx: OnnxModel | None = None,
     ):
         """Wire already loaded parts together; `from_pretrained` loads them by name."""
         self.chat = chat
-        # The model that writes replies: the chat model, or its int8 copy (3-4x fewer bytes read per token).
-        # `chat.model` itself stays fp32, so perplexity and training never see quantized weights.
-        self.generator = quantized_copy(chat.model) if quantize else chat.model
-        self.quantized = quantize
+        self.onnx = onnx  # the served engine's export; None: every reply is decoded by transformers
         self._stop_ids = stop_token_ids(chat.model, chat.tokenizer)
         self.retriever = retriever
         # The one embedder, shared by retrieval, emotion and the crisis screen (None in model-only tests).
@@ -143,8 +144,9 @@ class EmpatheticChatbot:
         self.k = k
         self.max_prompt_tokens = max_prompt_tokens
         self.notes = list(notes)  # start-up problems the UI shows (no index, adapter refused, ...)
-        # One model serves every request: generation and adapter switching must not interleave.
-        self._lock = threading.Lock()
+        # The transformers model switches adapters in place: its decodes must not interleave. ONNX Runtime
+        # generators are independent, so requests served by it run side by side.
+        self._torch_lock = threading.Lock()
 
     @classmethod
     def from_pretrained(
@@ -154,11 +156,12 @@ class EmpatheticChatbot:
         index_dir: str | os.PathLike | None = None,
         device: str | None = None,
         k: int = DEFAULT_K,
-        quantize: bool | None = None,
+        engine: str | None = None,
     ) -> EmpatheticChatbot:
-        """Load everything by name; a missing index or unfit adapter degrades with a note instead of failing.
+        """Load everything by name; a missing index, unfit adapter or failed export degrades with a note instead.
 
-        `quantize` (default: $ED_QUANTIZE, else QUANTIZE_BY_DEFAULT; CPU only) decodes replies with an int8 copy.
+        `engine` (default: $ED_ENGINE, else "onnx"): "onnx" serves replies from an ONNX Runtime GenAI export of
+        the model (built once into the cache folder), "transformers" from the PyTorch model.
         """
         base_model = base_model or DEFAULT_BASE_MODEL
         notes = []
@@ -183,11 +186,15 @@ class EmpatheticChatbot:
         emotion = load_emotion_detector(embedder)
         if emotion is None:
             notes.append("Emotion detection is off: assets/emotion is missing (python -m chatbot.emotion).")
-        if quantize is None:
-            quantize = os.environ.get(QUANTIZE_ENV, "1" if QUANTIZE_BY_DEFAULT else "0") == "1"
-            quantize = quantize and chat.model.device.type == "cpu"
-        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder,
-                   quantize=quantize)
+        default_engine, precision = engine_choice()
+        onnx = None
+        if (engine or default_engine) == "onnx" and chat.model.device.type == "cpu":
+            try:
+                onnx = load_onnx(chat, precision)
+            except ExportError as err:
+                notes.append(f"Replies come from transformers (slower): {err}")
+                logger.warning(notes[-1])
+        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder, onnx=onnx)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""
@@ -204,7 +211,7 @@ class EmpatheticChatbot:
             "emotion_classifier": {k: v for k, v in self.emotion.manifest.items() if k != "labels"}
             if self.emotion else None,
             "k": self.k,
-            "generation_weights": "int8 (dynamic quantization)" if self.quantized else str(self.chat.model.dtype),
+            "engine": f"onnxruntime-genai ({self.onnx.manifest['precision']})" if self.onnx else "transformers",
             "notes": list(self.notes),
         }
 
@@ -239,21 +246,24 @@ class EmpatheticChatbot:
         """Decode every prepared reply that needs the model together; yield them all as they grow, then final."""
         replies = [reply for reply, _, _ in prepared]
         rows = [i for i, (_, prompt, _) in enumerate(prepared) if prompt is not None]
-        texts = {i: "" for i in rows}
+        texts: dict[int, list[str]] = {i: [""] for i in rows}
+        engine = self.engine_for(settings)
         try:
             if rows:
                 prompts, adapters = [prepared[i][1].text for i in rows], [prepared[i][2] for i in rows]
                 for partials in self._generate(prompts, settings, adapters):
                     texts.update(zip(rows, partials))
-                    # Snapshots: consumers may keep every partial.
-                    yield [replace(r, text=texts[i]) if i in texts else r for i, r in enumerate(replies)]
+                    # Snapshots: consumers may keep every partial; the first candidate is the one shown.
+                    yield [replace(r, text=texts[i][0], engine=engine) if i in texts else r
+                           for i, r in enumerate(replies)]
         except Exception:  # every reply in the batch becomes an apology; the server keeps serving
             logger.exception("Generation failed")
             for i in rows:
                 replies[i].kind, replies[i].text = "error", ERROR_REPLY
         else:
             for i in rows:
-                self._finish(replies[i], texts[i])
+                replies[i].engine, replies[i].candidates = engine, texts[i]
+                self._finish(replies[i], texts[i][0])
         for reply in replies:
             reply.done = True
         yield replies
@@ -350,48 +360,50 @@ class EmpatheticChatbot:
         for (reply,) in self._stream_prepared(prepared, settings or PRESETS[DEFAULT_PRESET]):
             yield reply
 
+    def engine_for(self, settings: GenerationSettings) -> str:
+        """The engine that decodes replies with these settings."""
+        return OrtBackend.name if self.onnx and decoder_supports(self.chat, settings) else TorchBackend.name
+
     def _generate(
         self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
-    ) -> Iterator[list[str]]:
-        """Yield every prompt's cleaned reply so far as they grow; one decode for all when the fast loop applies."""
-        with self._lock:
-            if supports(self.generator, settings):
+    ) -> Iterator[list[list[str]]]:
+        """Yield every prompt's cleaned candidates so far as they grow (one decode for all where the engine can)."""
+        if self.engine_for(settings) == OrtBackend.name:
+            yield from self._decode(prompt_texts, settings, use_adapter)
+            return
+        with self._torch_lock:
+            if decoder_supports(self.chat, settings):
                 yield from self._decode(prompt_texts, settings, use_adapter)
                 return
             # One after another: `generate` decodes one prompt (and one adapter state) at a time.
-            texts = [""] * len(prompt_texts)
+            texts = [[""] for _ in prompt_texts]
             for row, (prompt_text, adapter) in enumerate(zip(prompt_texts, use_adapter)):
                 for text in self._generate_one(prompt_text, settings, adapter):
-                    texts[row] = text
-                    yield list(texts)
-
-    def _adapter_context(self, use_adapter: bool) -> AbstractContextManager:
-        """Switches the tuned adapter off for the base systems, in the fp32 model and its int8 copy alike."""
-        stack = ExitStack()
-        if self.chat.has_adapter and not use_adapter:
-            for model in {id(m): m for m in (self.chat.model, self.generator)}.values():
-                stack.enter_context(model.disable_adapter())
-        return stack
+                    texts[row] = [text]
+                    yield [list(t) for t in texts]
 
     def _decode(
         self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
-    ) -> Iterator[list[str]]:
-        """The fast path: decode all prompts in one batch (see chatbot.decoding.DecodeLoop)."""
+    ) -> Iterator[list[list[str]]]:
+        """Decode every prompt's candidates in one `Decoder` run on the served engine."""
         tokenizer = self.chat.tokenizer
         prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
-        # Rows of one batch may differ in adapter state (Compare: base vs tuned): peft applies LoRA per row.
-        adapter = getattr(self.generator, "active_adapter", None)
-        names = [adapter if on else BASE_ADAPTER for on in use_adapter] if self.chat.has_adapter else None
-        mixed = len(set(use_adapter)) > 1
-        if settings.seed is not None:
-            torch.manual_seed(settings.seed)
-        # The prompt is read in fp32 even when decode steps run in int8 (see chatbot.decoding: activation outliers).
-        loop = DecodeLoop(self.generator, prompts, settings, self._stop_ids, tokenizer.pad_token_id, names,
-                          prefill_model=self.chat.model)
-        replies = [ReplyText(settings.max_sentences) for _ in prompts]
-        generated: list[list[int]] = [[] for _ in prompts]
-        with nullcontext() if mixed else self._adapter_context(use_adapter[0]):
-            for step in loop:
+        rows = [row for prompt, on in zip(prompts, use_adapter) for row in candidate_rows(prompt, on, settings)]
+        if self.engine_for(settings) == OrtBackend.name:
+            backend = OrtBackend(self.onnx, rows, settings.max_new_tokens)
+        else:
+            backend = TorchBackend(self.chat, rows)
+        decoder = Decoder(backend, rows, settings, self._stop_ids, tokenizer.pad_token_id)
+        replies = [ReplyText(settings.max_sentences) for _ in rows]
+        generated: list[list[int]] = [[] for _ in rows]
+        n = settings.candidates
+
+        def grouped() -> list[list[str]]:
+            shown = [reply.shown or "" for reply in replies]
+            return [shown[i:i + n] for i in range(0, len(shown), n)]
+
+        try:
+            for step in decoder:
                 changed = False
                 for row, token in enumerate(step):
                     if token is None or token in self._stop_ids:
@@ -400,11 +412,13 @@ class EmpatheticChatbot:
                     # Decoding the whole reply each step keeps multi-token characters and merges right.
                     changed |= replies[row].set_raw(tokenizer.decode(generated[row])) is not None
                     if replies[row].done:
-                        loop.finish(row)
+                        decoder.finish(row)
                 if changed:
-                    yield [reply.shown or "" for reply in replies]
+                    yield grouped()
+        finally:
+            backend.close()
         if not any(reply.shown for reply in replies):  # nothing printable: still one (empty) result
-            yield [""] * len(replies)
+            yield grouped()
 
     def _generate_one(self, prompt_text: str, settings: GenerationSettings, use_adapter: bool) -> Iterator[str]:
         """The general path (beam search, prompt tuning): `generate` in a worker thread, text as tokens arrive."""
@@ -418,7 +432,8 @@ class EmpatheticChatbot:
         kwargs = dict(**inputs, **settings.generate_kwargs(), stop_strings=STOP_STRINGS, tokenizer=tokenizer)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        with self._adapter_context(use_adapter), torch.inference_mode():
+        off = self.chat.has_adapter and not use_adapter
+        with self.chat.model.disable_adapter() if off else nullcontext(), torch.inference_mode():
             if settings.num_beams > 1:  # beams cannot stream: yield the finished reply once
                 output = model.generate(**kwargs)
                 reply = ReplyText(settings.max_sentences)

@@ -21,6 +21,9 @@ class GenerationSettings:
     max_new_tokens: int = 64  # one or two sentences; longer replies ramble
     max_sentences: int = 3  # stop once the reply has this many sentences (small models ramble on); 0 = no limit
     seed: int | None = 42  # seeds sampling so a reply can be repeated; None = fresh randomness
+    # Replies decoded together for one message: the first as set above, the others seeded samples (seed + i),
+    # so a selector can pick the best; one row of a batch costs far less than a reply of its own.
+    candidates: int = 1
 
     def generate_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `model.generate`, leaving out the ones that do not apply."""
@@ -57,9 +60,10 @@ class GenerationSettings:
 PRESETS: dict[str, GenerationSettings] = {
     # The app's default: deterministic decoding. On the untuned 135M model, sampling (even at 0.3) drifted
     # off topic on 4 of 5 probe messages where greedy stayed caring.
-    "chat": GenerationSettings(do_sample=False, seed=None),
+    # The seed still matters: extra candidates are seeded samples.
+    "chat": GenerationSettings(do_sample=False),
     # Evaluation's protocol, the same for every system; separate from "chat" so it never drifts with the app.
-    "greedy": GenerationSettings(do_sample=False, seed=None),
+    "greedy": GenerationSettings(do_sample=False),
     # Varied replies: seeded nucleus sampling.
     "sampling": GenerationSettings(),
     # The original report: beam 3, no_repeat_ngram 2, early stopping, max length 100.

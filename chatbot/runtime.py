@@ -37,6 +37,14 @@ def set_seed(seed: int = DEFAULT_SEED) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def engine_choice() -> tuple[str, str]:
+    """(engine, precision) for served replies: $ED_ENGINE (onnx | transformers), $ED_ONNX_PRECISION (fp32 | int8 | int4).
+
+    fp32 is the default: int8 and int4 change greedy text and held-out perplexity (README, Performance).
+    """
+    return os.environ.get("ED_ENGINE", "onnx"), os.environ.get("ED_ONNX_PRECISION", "fp32")
+
+
 def cache_dir() -> Path:
     """Folder for converted models and other derived, re-creatable files ($ED_CACHE_DIR overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "empathetic-chat"

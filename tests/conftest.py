@@ -127,7 +127,7 @@ def random_adapter(model, config, seed: int | None = None):
 
 def uncached_greedy_reply(model, tokenizer, prompt_text: str, settings) -> str | None:
     """The reply, as the bot shows it, of a greedy decode that reads the whole sequence at every step (no KV cache)."""
-    from chatbot.decoding import ReplyText, stop_token_ids
+    from chatbot.engine import ReplyText, stop_token_ids
 
     stop_ids = stop_token_ids(model, tokenizer)
     ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]

