@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +22,9 @@ from chatbot.safety import (
 from tests.crisis_probes import CRISIS_NEGATIVES, CRISIS_POSITIVES
 
 MIN_RECALL = 0.95
+HELDOUT = Path(__file__).resolve().parent.parent / "chatbot" / "safety" / "sentences" / "heldout.jsonl"
+# Written before any training or pattern change and never edited since: new misses go to the training set.
+HELDOUT_SHA256 = "51d3d4d4b44bbcc4402d692508bae4566fa4d690ed5fec52a14a6100f086e4a3"
 MAX_FALSE_POSITIVE_RATE = 0.05
 
 HYPERBOLE = [
@@ -40,6 +45,10 @@ def screen() -> CrisisScreen:
 def pattern_screen() -> CrisisScreen:
     """The crisis screen without an embedder (patterns only)."""
     return CrisisScreen(None)
+
+
+def test_heldout_set_is_frozen():
+    assert hashlib.sha256(HELDOUT.read_bytes()).hexdigest() == HELDOUT_SHA256
 
 
 def test_probe_lists_are_large_and_separate_from_the_exemplars():
