@@ -402,7 +402,7 @@ CRISIS_PATTERNS: tuple[CrisisPattern, ...] = (
         "other language",
         r"(?<!no )\b(?:quiero|quisiera|voy a|ganas de|pensando en|pienso en)\s+"
         r"(?:morir(?:me)?|matarme|suicidarme|quitarme la vida)\b"
-        r"|\bme (?:quiero|voy a) (?:morir|matar|suicidar)\b|\bno quiero (?:seguir )?vivir\b"
+        r"|\bme (?:quiero|voy a) (?:morir|matar|suicidar)\b|\bno quiero (?:seguir )?viv(?:ir|iendo)\b"
         r"|\bacabar con mi vida\b|\bpreferir[ií]a estar muert[oa]\b",
         negatable=False,
     ),

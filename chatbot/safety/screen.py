@@ -114,7 +114,7 @@ def _exclusion(pattern: CrisisPattern, clause: str, start: int, end: int) -> str
 def match_patterns(text: str) -> tuple[str | None, list[str]]:
     """Return (first unexcluded crisis pattern name or None, excluded matches) for a normalised text."""
     excluded: list[str] = []
-    for sentence in sentences(text):
+    for sentence in dict.fromkeys(sentences(text)):  # a repeated sentence is matched once
         framed = FICTION_FRAME.search(sentence) is not None
         for pattern in CRISIS_PATTERNS:
             first = pattern.regexes[0].search(sentence)
