@@ -7,7 +7,6 @@ import hashlib
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +35,8 @@ HELDOUT_SHA256 = "51d3d4d4b44bbcc4402d692508bae4566fa4d690ed5fec52a14a6100f086e4
 MAX_OVERLAP = 0.9  # no training sentence may embed this close to a held-out or probe sentence
 # The issue's target is 90% recall with at most 5% false alarms; these floors are what the screen reaches today
 # (README, Safety): the tests keep it from getting worse, the README says what is still missing.
-HELDOUT_MIN_RECALL_ANY_TIER = 0.84
-HELDOUT_MIN_RECALL_CRISIS = 0.74
+HELDOUT_MIN_RECALL_ANY_TIER = 0.85
+HELDOUT_MIN_RECALL_CRISIS = 0.75
 HELDOUT_MAX_FALSE_ALARMS_CRISIS = 0.05
 HELDOUT_MAX_FALSE_ALARMS_ANY_TIER = 0.08
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=4)

@@ -185,7 +185,7 @@ class CrisisScreen:
         result = CrisisResult(tier, score, f"classifier: {score:.2f} on '{shown}'" if tier != NONE else "none")
         if tier == CRISIS:
             return result
-        for turn, prob in zip(earlier, probs[len(parts): len(parts) + len(earlier)]):
+        for prob in probs[len(parts): len(parts) + len(earlier)]:
             if self.classifier.tier(float(prob)) == CRISIS:
                 return CrisisResult(CRISIS, float(prob), f"follow-up: an earlier turn scored {prob:.2f}")
         if tier == NONE and context and self.classifier.tier(float(probs[-1])) == CRISIS:
