@@ -24,6 +24,7 @@ from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, Gen
 from chatbot.models import DEFAULT_ADAPTER_DIR
 from chatbot.retriever import build_from_data
 from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT, default_index_dir, limit_malloc_arenas
+from chatbot.safety import RESOURCES_MARKDOWN
 
 logger = logging.getLogger("app")
 
@@ -31,6 +32,7 @@ TITLE = "Empathetic Chat"
 CSS_PATH = ASSETS_DIR / "ui" / "app.css"
 THEME = gr.themes.Soft(primary_hue="indigo", secondary_hue="rose")
 CRISIS_TITLE = "⚠️ Safety message – crisis resources"
+CONCERN_TITLE = "💬 Check-in – crisis resources"
 EXAMPLES = [
     "I had such a hard day at work today. Things keep piling up.",
     "My dog died today. I am so distraught.",
@@ -204,15 +206,14 @@ def notes_markdown(reply: Reply | None) -> str:
 
 
 def crisis_banner(reply: Reply | None) -> dict:
-    """The visible safety banner when the latest reply is the crisis message."""
-    if reply is None or not reply.crisis:
-        return gr.update(value="", visible=False)
-    return gr.update(value=(
-        f"### {CRISIS_TITLE}\n"
-        "The last message looked like it might be about self-harm or suicide, so the chatbot's model was not "
-        "used. **US:** call or text **988** · **Elsewhere:** [findahelpline.com](https://findahelpline.com) · "
-        "**In immediate danger:** call your local emergency number."
-    ), visible=True)
+    """The visible safety banner when the latest reply is the crisis message or carries a check-in line."""
+    if reply is not None and reply.crisis:
+        return gr.update(value=f"### {CRISIS_TITLE}\nThe last message looked like it might be about self-harm or "
+                               f"suicide, so the chatbot's model was not used.\n\n{RESOURCES_MARKDOWN}", visible=True)
+    if reply is not None and reply.kind == "concern":
+        return gr.update(value=f"### {CONCERN_TITLE}\nThe model replied, and a check-in was added because the last "
+                               f"message might be about self-harm or suicide.\n\n{RESOURCES_MARKDOWN}", visible=True)
+    return gr.update(value="", visible=False)
 
 
 def display_message(role: str, text: str, crisis: bool = False) -> dict:
@@ -576,10 +577,7 @@ def about_tab(bot: EmpatheticChatbot) -> None:
         "**This is a research demo, not a therapist.** Its replies come from a small language model: they can be "
         "wrong, odd or unhelpful, and they are no substitute for professional help. Messages that look like a "
         "crisis get a fixed safety message instead of a model reply, but the screen can miss things.\n\n"
-        "If you are struggling or thinking about suicide or self-harm:\n"
-        "- **US:** call or text **988** (Suicide & Crisis Lifeline), any time.\n"
-        "- **Elsewhere:** [findahelpline.com](https://findahelpline.com) lists free, confidential helplines.\n"
-        "- **In immediate danger:** call your local emergency number (for example 911, 112 or 999).",
+        f"If you are struggling or thinking about suicide or self-harm:\n{RESOURCES_MARKDOWN}",
         elem_classes="ed-disclaimer",
     )
 

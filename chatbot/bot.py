@@ -48,7 +48,7 @@ from chatbot.prompts import (
 )
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir, engine_choice
-from chatbot.safety import CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
+from chatbot.safety import CONCERN_CHECK_IN, CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class Reply:
     """A reply and everything shown beside it."""
 
     text: str
-    kind: str = "model"  # model | crisis | empty | fallback | error
+    kind: str = "model"  # model | concern (model reply + check-in line) | crisis | empty | fallback | error
     emotion: EmotionPrediction | None = None
     retrieved: list[RetrievedDialogue] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -106,15 +106,23 @@ def parse_system(name: str) -> tuple[bool, bool]:
         raise ValueError(f"Unknown system {name!r}; choose from {', '.join(SYSTEMS)}") from None
 
 
-def normalize_message(message: str) -> tuple[str, bool]:
-    """Drop control characters and cap the length; returns (text, truncated)."""
+def clean_message(message: str) -> str:
+    """Drop control characters and surrounding whitespace; the crisis screen reads this, before any cut."""
     if not isinstance(message, str):
         raise TypeError(f"message must be a string, not {type(message).__name__}")
-    text = "".join(ch for ch in message if ch in "\n\t" or unicodedata.category(ch)[0] != "C")
-    text = text.strip()
+    return "".join(ch for ch in message if ch in "\n\t" or unicodedata.category(ch)[0] != "C").strip()
+
+
+def cut_message(text: str) -> tuple[str, bool]:
+    """Cap a cleaned message at MAX_MESSAGE_CHARS (at a word boundary); returns (text, truncated)."""
     if len(text) > MAX_MESSAGE_CHARS:
         return text[:MAX_MESSAGE_CHARS].rsplit(" ", 1)[0], True
     return text, False
+
+
+def normalize_message(message: str) -> tuple[str, bool]:
+    """Drop control characters and cap the length; returns (text, truncated)."""
+    return cut_message(clean_message(message))
 
 
 class EmpatheticChatbot:
@@ -306,7 +314,8 @@ class EmpatheticChatbot:
         system = system or ("tuned+rag" if use_retrieval else "tuned")
         turns = [t if isinstance(t, Turn) else None for t in history]
         turns = list(history) if all(turns) else history_from_messages(history)
-        text, truncated = normalize_message(message)
+        whole = clean_message(message)
+        text, truncated = cut_message(whole)
         reply = Reply(text="", system=system, truncated_input=truncated)
         if truncated:
             reply.notes.append(f"Your message was shortened to its first {MAX_MESSAGE_CHARS} characters.")
@@ -314,7 +323,7 @@ class EmpatheticChatbot:
             reply.kind, reply.text = "empty", EMPTY_MESSAGE_REPLY
             return reply, None, use_adapter
         try:
-            prompt = self._screen_and_build(reply, text, turns, use_retrieval)
+            prompt = self._screen_and_build(reply, text, turns, use_retrieval, whole)
         except Exception:  # the user gets an apology; the server keeps serving
             logger.exception("Preparing a reply failed")
             reply.kind, reply.text = "error", ERROR_REPLY
@@ -324,12 +333,20 @@ class EmpatheticChatbot:
             reply.done = False
         return reply, prompt, use_adapter
 
-    def _screen_and_build(self, reply: Reply, text: str, turns: list[Turn], use_retrieval: bool) -> Prompt | None:
-        """Crisis screen, emotion and retrieval into `reply`, then the prompt (None: the crisis reply is final)."""
+    def _screen_and_build(
+        self, reply: Reply, text: str, turns: list[Turn], use_retrieval: bool, whole: str | None = None
+    ) -> Prompt | None:
+        """Crisis screen, emotion and retrieval into `reply`, then the prompt (None: the crisis reply is final).
+
+        The screen reads the `whole` message, not the `text` cut for the model: a crisis sentence may come late.
+        """
         previous = [t.text for t in turns if t.role == SPEAKER]
-        if self.crisis is not None and self.crisis.check(text, previous).is_crisis:
+        screened = self.crisis.check(whole or text, previous) if self.crisis is not None else None
+        if screened is not None and screened.is_crisis:
             reply.kind, reply.text = "crisis", CRISIS_REPLY
             return None
+        if screened is not None and screened.is_concern:
+            reply.kind = "concern"
         try:
             reply.emotion, reply.retrieved = self.analyse(text, turns, use_retrieval)
         except Exception:  # a reply without them beats no reply
@@ -339,13 +356,18 @@ class EmpatheticChatbot:
 
     @staticmethod
     def _finish(reply: Reply, text: str) -> None:
-        """Set the final generated text, replaced by the safe fallback when screening rejects it."""
+        """Set the final generated text, replaced by the safe fallback when screening rejects it.
+
+        A `concern` reply keeps its kind either way and ends with the check-in line.
+        """
         reply.text = text
         reason = screen_reply(text)
         if reason:
             logger.info("Replaced a generated reply: %s", reason)
-            reply.kind, reply.text = "fallback", SAFE_FALLBACK_REPLY
+            reply.kind, reply.text = "concern" if reply.kind == "concern" else "fallback", SAFE_FALLBACK_REPLY
             reply.notes.append(f"The generated reply was replaced ({reason}).")
+        if reply.kind == "concern":
+            reply.text = f"{reply.text}\n\n{CONCERN_CHECK_IN}"
 
     def stream(
         self,

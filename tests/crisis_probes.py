@@ -1,7 +1,8 @@
 """Hand-written probe messages for the crisis screen (original sentences, not taken from any dataset).
 
-CRISIS_POSITIVES must trigger the crisis reply; CRISIS_NEGATIVES must not. The exemplar sentences inside
-chatbot/safety.py are written separately, so these lists measure how the screen generalises.
+CRISIS_POSITIVES must trigger the crisis reply; CRISIS_NEGATIVES must not. These are the old probes: the old
+patterns were written with them in view, so they are the second, weaker figure. The first is the frozen held-out
+set (chatbot/safety/sentences/heldout.jsonl). No training sentence may embed within cosine 0.9 of a probe.
 """
 
 from __future__ import annotations

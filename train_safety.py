@@ -1,0 +1,116 @@
+"""Train the crisis screen's classifier on the labelled sentences and write assets/safety/ with its manifest.
+
+The held-out set (chatbot/safety/sentences/heldout.jsonl) never trains anything: training refuses to start when
+a training sentence embeds within --max-overlap cosine of a held-out sentence, and the held-out figures in the
+manifest are measured once, after the thresholds were chosen on the validation part of the training set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision, load_embedder
+from chatbot.runtime import DEFAULT_SEED, set_seed
+from chatbot.safety.classifier import (
+    ARTIFACT_DIR,
+    HELDOUT_SENTENCES,
+    TRAIN_SENTENCES,
+    file_sha256,
+    load_sentences,
+    near_duplicates,
+    train_classifier,
+)
+from chatbot.safety.screen import CrisisScreen, normalise, score_screen
+
+logger = logging.getLogger("train_safety")
+MAX_OVERLAP = 0.9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--train", type=Path, default=TRAIN_SENTENCES,
+                        help="labelled training sentences, JSONL (default: chatbot/safety/sentences/train.jsonl)")
+    parser.add_argument("--heldout", type=Path, default=HELDOUT_SENTENCES,
+                        help="the frozen held-out sentences, JSONL: checked for overlap and scored once, never trained on")
+    parser.add_argument("--out", type=Path, default=ARTIFACT_DIR,
+                        help="folder to write classifier.npz and manifest.json (default: assets/safety)")
+    parser.add_argument("--folds", type=int, default=5,
+                        help="cross-validation folds whose out-of-fold predictions choose C and the thresholds "
+                             "(default: 5)")
+    parser.add_argument("--crisis-false-alarms", type=float, default=0.02,
+                        help="the crisis threshold is the lowest with at most this share of validation false alarms "
+                             "(default: 0.02)")
+    parser.add_argument("--concern-false-alarms", type=float, default=0.10,
+                        help="the concern threshold is the lowest with at most this share of validation false alarms "
+                             "(default: 0.10)")
+    parser.add_argument("--c-grid", default="0.25,1,4,16",
+                        help="comma-separated inverse regularisation strengths tried on validation (default: 0.25,1,4,16)")
+    parser.add_argument("--max-overlap", type=float, default=MAX_OVERLAP,
+                        help=f"refuse to train when a training sentence is this close (cosine) to a held-out one "
+                             f"(default: {MAX_OVERLAP})")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"split and solver seed (default: {DEFAULT_SEED})")
+    parser.add_argument("--device", default=None, help="embedder device (default: $ED_DEVICE, else CUDA if present, else CPU)")
+    args = parser.parse_args(argv)
+    if args.folds < 2:
+        parser.error("--folds must be at least 2")
+    try:
+        args.c_grid = tuple(float(c) for c in args.c_grid.split(","))
+    except ValueError:
+        parser.error(f"--c-grid must be comma-separated numbers, not {args.c_grid!r}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, check, evaluate and save the crisis classifier."""
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    set_seed(args.seed)
+    try:
+        train, heldout = load_sentences(args.train), load_sentences(args.heldout)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {err}") from None
+    embedder = load_embedder(device=args.device)
+    vectors = embed(embedder, [normalise(s.text) for s in train], progress=True)
+    heldout_vectors = embed(embedder, [normalise(s.text) for s in heldout], progress=True)
+    overlap = near_duplicates(vectors, heldout_vectors, args.max_overlap)
+    if overlap:
+        pairs = "\n".join(f"  {cos:.3f}: {train[i].text!r} ~ {heldout[j].text!r}" for i, j, cos in overlap)
+        raise SystemExit(f"error: training sentences too close to held-out ones (rewrite them):\n{pairs}")
+    is_crisis = np.array([s.is_crisis for s in train])
+    classifier = train_classifier([normalise(s.text) for s in train], vectors, is_crisis, args.c_grid, args.folds,
+                                  args.crisis_false_alarms, args.concern_false_alarms, args.seed)
+    screen = CrisisScreen(embedder, classifier)
+    heldout_scores = score_screen(screen, [s.text for s in heldout], [s.is_crisis for s in heldout])
+    classifier.manifest.update({
+        "version": 1,
+        "embedder": EMBEDDER_NAME,
+        "embedder_precision": embedder_precision(embedder),
+        "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "train_sentences": {"path": "chatbot/safety/sentences/train.jsonl", "sha256": file_sha256(args.train),
+                            "crisis": int(is_crisis.sum()), "safe": int((~is_crisis).sum())},
+        "heldout": {"path": "chatbot/safety/sentences/heldout.jsonl", "sha256": file_sha256(args.heldout),
+                    "max_training_overlap_cosine": round(float((vectors @ heldout_vectors.T).max()), 4),
+                    "screen": heldout_scores.to_dict()},
+        "train_seconds": round(time.perf_counter() - started, 1),
+    })
+    classifier.save(args.out)
+    print(f"thresholds: crisis >= {classifier.crisis_threshold:.3f}, concern >= {classifier.concern_threshold:.3f} "
+          f"(C={classifier.manifest['C']}); validation: {classifier.manifest['validation_rates']}")
+    print(f"held-out, whole screen: {heldout_scores.summary()}")
+    for line in heldout_scores.missed:
+        print(f"  missed: {line}")
+    for line in heldout_scores.flagged:
+        print(f"  flagged: {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
