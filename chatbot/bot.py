@@ -8,8 +8,9 @@ import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -31,6 +32,7 @@ from chatbot.engine import (
     stop_token_ids,
 )
 from chatbot.generation import DEFAULT_PRESET, PRESETS, GenerationSettings
+from chatbot.metrics import is_echo
 from chatbot.models import (
     DEFAULT_BASE_MODEL,
     ChatModel,
@@ -61,6 +63,26 @@ ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could 
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
 
 
+SELECT_CANDIDATES = 4  # generated candidates of a selecting system when the settings ask for one reply
+REPLY_WORDS = (2, 60)  # a candidate shorter or longer than this (in words) is not shown
+
+
+@dataclass
+class Candidate:
+    """One reply a selecting system weighed: generated, or a person's reply from a retrieved dialogue."""
+
+    text: str
+    source: Literal["generated", "retrieved"] = "generated"
+    score: float | None = None  # the selector's score; None when it was not scored
+    conv_id: str | None = None  # the retrieved dialogue it came from
+    situation: str | None = None  # that dialogue's situation, for "Why this reply"
+    rejected: str | None = None  # why it could not be shown (output screen, echo, length)
+
+    def to_dict(self) -> dict:
+        """The JSON shape of `candidates` in the CLI and the API."""
+        return asdict(self)
+
+
 @dataclass
 class Reply:
     """A reply and everything shown beside it."""
@@ -75,7 +97,13 @@ class Reply:
     done: bool = True
     notes: list[str] = field(default_factory=list)
     engine: str | None = None  # which engine wrote the text (None: no model ran)
-    candidates: list[str] = field(default_factory=list)  # every decoded candidate; `text` is the one shown
+    candidates: list[Candidate] = field(default_factory=list)  # the generated replies (and, selecting, retrieved)
+    chosen: int | None = None  # index of the shown candidate
+
+    @property
+    def from_dataset(self) -> bool:
+        """Whether the shown text is a person's reply from a retrieved dialogue, not model text."""
+        return self.chosen is not None and self.candidates[self.chosen].source == "retrieved"
 
     @property
     def crisis(self) -> bool:
@@ -95,6 +123,8 @@ class Reply:
             "truncated_input": self.truncated_input,
             "notes": list(self.notes),
             "engine": self.engine,
+            "candidates": [c.to_dict() for c in self.candidates],
+            "chosen": self.chosen,
         }
 
 
@@ -123,6 +153,19 @@ def cut_message(text: str) -> tuple[str, bool]:
 def normalize_message(message: str) -> tuple[str, bool]:
     """Drop control characters and cap the length; returns (text, truncated)."""
     return cut_message(clean_message(message))
+
+
+def unfit(text: str, conversation: Sequence[str]) -> str | None:
+    """Why a candidate reply must not be shown (output screen, echo of the conversation, length), or None."""
+    reason = screen_reply(text)
+    if reason:
+        return f"output screen: {reason}"
+    if is_echo(text, conversation):
+        return "repeats the conversation"
+    count = len(text.split())
+    if not REPLY_WORDS[0] <= count <= REPLY_WORDS[1]:
+        return f"{count} words"
+    return None
 
 
 class EmpatheticChatbot:
@@ -270,7 +313,9 @@ class EmpatheticChatbot:
                 replies[i].kind, replies[i].text = "error", ERROR_REPLY
         else:
             for i in rows:
-                replies[i].engine, replies[i].candidates = engine, texts[i]
+                replies[i].engine = engine
+                replies[i].candidates = [Candidate(text) for text in texts[i]]
+                replies[i].chosen = 0
                 self._finish(replies[i], texts[i][0])
         for reply in replies:
             reply.done = True
@@ -368,6 +413,20 @@ class EmpatheticChatbot:
             reply.notes.append(f"The generated reply was replaced ({reason}).")
         if reply.kind == "concern":
             reply.text = f"{reply.text}\n\n{CONCERN_CHECK_IN}"
+
+    def _select(self, reply: Reply, context: str, conversation: Sequence[str]) -> str:
+        """Weigh the generated candidates and the retrieved listener replies; the selector's best fit one wins."""
+        reply.candidates += [Candidate(r.response, "retrieved", conv_id=r.conv_id, situation=r.situation)
+                             for r in reply.retrieved]
+        for candidate in reply.candidates:
+            candidate.rejected = unfit(candidate.text, conversation)
+        fit = [i for i, candidate in enumerate(reply.candidates) if not candidate.rejected]
+        if fit and self.selector is not None:
+            scores = self.selector.score(context, [reply.candidates[i].text for i in fit])
+            for i, score in zip(fit, scores):
+                reply.candidates[i].score = round(score, 4)
+            reply.chosen = max(fit, key=lambda i: reply.candidates[i].score)
+        return reply.candidates[reply.chosen].text
 
     def stream(
         self,

@@ -103,13 +103,14 @@ def test_candidates_are_distinct_seeded_and_reproducible(tiny_chat):
     bot = EmpatheticChatbot(tiny_chat)
     settings = PRESETS["chat"].updated(candidates=4, max_new_tokens=12)
     first = bot.respond("I lost my keys today.", settings=settings)
-    assert first.engine == "transformers" and len(first.candidates) == 4
+    assert first.engine == "transformers" and len(first.candidates) == 4 and first.chosen == 0
     # The first candidate is the greedy reply; the others are samples, each with its own seed.
+    first.candidates = [c.text for c in first.candidates]
     assert first.text == first.candidates[0] == bot.respond("I lost my keys today.", settings=settings.updated(
         candidates=1)).text
     assert len(set(first.candidates)) == 4
-    assert bot.respond("I lost my keys today.", settings=settings).candidates == first.candidates
-    other = bot.respond("I lost my keys today.", settings=settings.updated(seed=7)).candidates
+    assert [c.text for c in bot.respond("I lost my keys today.", settings=settings).candidates] == first.candidates
+    other = [c.text for c in bot.respond("I lost my keys today.", settings=settings.updated(seed=7)).candidates]
     assert other[0] == first.candidates[0] and other[1:] != first.candidates[1:]
     rows = candidate_rows([1, 2], True, settings)
     assert [(r.sample, r.seed) for r in rows] == [(False, 42), (True, 43), (True, 44), (True, 45)]
