@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each message is screened for the timing (default: 3; the median is reported)")
+    parser.add_argument("--messages", type=int, default=None,
+                        help="time only the first N messages (default: every held-out and training sentence)")
     parser.add_argument("--device", default=None, help="embedder device (default: $ED_DEVICE, else CUDA if present, else CPU)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     heldout = load_sentences(HELDOUT_SENTENCES)
     scores = score_screen(screen, [s.text for s in heldout], [s.is_crisis for s in heldout])
     print(f"held-out ({HELDOUT_SENTENCES.name}): {scores.summary()}")
-    messages = [s.text for s in heldout + load_sentences(TRAIN_SENTENCES)]
+    messages = [s.text for s in heldout + load_sentences(TRAIN_SENTENCES)][: args.messages]
     for text in messages[:20]:  # warm-up
         screen.check(text)
     times = []

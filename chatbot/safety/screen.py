@@ -129,7 +129,7 @@ def match_patterns(text: str) -> tuple[str | None, list[str]]:
 
 def message_parts(text: str) -> list[str]:
     """What the classifier scores for one normalised message: the whole, each sentence, windows of long ones."""
-    parts = [text]
+    parts = [text.strip(" ,'\"().!?;:")]  # a one-sentence message is then scored once
     for sentence in sentences(text):
         words = sentence.split()
         parts.extend(" ".join(words[i:i + WINDOW_WORDS]) for i in range(0, len(words), WINDOW_WORDS // 2))
