@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -45,16 +46,18 @@ from chatbot.prompts import (
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir
 from chatbot.safety import CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
+from chatbot.systems import get_system
 
 logger = logging.getLogger(__name__)
 
-# System names used everywhere (app, API, eval.py): which model and whether retrieval is on.
-SYSTEMS = {"base": (False, False), "base+rag": (False, True), "tuned": (True, False), "tuned+rag": (True, True)}
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so): replies stay fast
 DEFAULT_K = 3  # retrieved dialogues per prompt: more lengthen the prompt (and the wait) more than they help
 EMPTY_MESSAGE_REPLY = "I'm here whenever you're ready. Tell me what's on your mind."
 ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could you say that again?"
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
+# model: generated text; crisis: the fixed safety reply; empty: nothing was typed; fallback: the output screen
+# replaced the generated text; error: generation failed and the reply apologises.
+ReplyKind = Literal["model", "crisis", "empty", "fallback", "error"]
 QUANTIZE_ENV = "ED_QUANTIZE"  # "1": replies decoded by an int8 copy of the model (see chatbot.decoding); "0": fp32
 # Off: `make bench` measured held-out perplexity +4.6% over fp32 (200 test replies), past the 1% we accept.
 QUANTIZE_BY_DEFAULT = False
@@ -65,7 +68,7 @@ class Reply:
     """A reply and everything shown beside it."""
 
     text: str
-    kind: str = "model"  # model | crisis | empty | fallback | error
+    kind: ReplyKind = "model"
     emotion: EmotionPrediction | None = None
     retrieved: list[RetrievedDialogue] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -94,15 +97,7 @@ class Reply:
         }
 
 
-def parse_system(name: str) -> tuple[bool, bool]:
-    """(use_adapter, use_retrieval) for a system name, with a clear error for unknown names."""
-    try:
-        return SYSTEMS[name]
-    except KeyError:
-        raise ValueError(f"Unknown system {name!r}; choose from {', '.join(SYSTEMS)}") from None
-
-
-def normalize_message(message: str) -> tuple[str, bool]:
+def normalise_message(message: str) -> tuple[str, bool]:
     """Drop control characters and cap the length; returns (text, truncated)."""
     if not isinstance(message, str):
         raise TypeError(f"message must be a string, not {type(message).__name__}")
@@ -292,11 +287,11 @@ class EmpatheticChatbot:
         self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | None
     ) -> tuple[Reply, Prompt | None, bool]:
         """Everything before the model: (reply so far, prompt or None when the reply is already final, use_adapter)."""
-        use_adapter, use_retrieval = parse_system(system) if system else (True, use_retrieval)
-        system = system or ("tuned+rag" if use_retrieval else "tuned")
+        chosen = get_system(system or ("tuned+rag" if use_retrieval else "tuned"))
+        use_adapter, use_retrieval, system = chosen.adapter, chosen.retrieval, chosen.name
         turns = [t if isinstance(t, Turn) else None for t in history]
         turns = list(history) if all(turns) else history_from_messages(history)
-        text, truncated = normalize_message(message)
+        text, truncated = normalise_message(message)
         reply = Reply(text="", system=system, truncated_input=truncated)
         if truncated:
             reply.notes.append(f"Your message was shortened to its first {MAX_MESSAGE_CHARS} characters.")
