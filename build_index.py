@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot import options
 from chatbot.data import DataError
 from chatbot.retriever import INDEX_TYPES, IndexLoadError, build_from_data
 from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
@@ -16,43 +16,30 @@ from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
 logger = logging.getLogger("build_index")
 
 
-def count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least `minimum`."""
+@dataclass
+class IndexArguments:
+    """Which replies to index, how, and where."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
-        return value
+    data_dir: str | None = options.data_dir_option()
+    index_dir: str | None = options.index_dir_option()
+    split: str = options.option("train", "which split's listener replies to index (the app and training use train)",
+                                choices=["train", "valid", "test"])
+    index_type: str = options.option("flat", "flat = exact search; ivf/hnsw = approximate (recall@10 against flat "
+                                             "is logged)", choices=INDEX_TYPES)
+    limit: int = options.option(0, "index only a seeded random subset of N replies (0 = all)")
+    batch_size: int = options.option(128, "embedding batch size")
+    seed: int = options.option(DEFAULT_SEED, "seed for --limit sampling")
+    if_missing: bool = options.option(False, "do nothing when an index already exists there")
 
-    return parse
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with train/valid/test.csv or the release .tar.gz (default: $ED_DATA_DIR, "
-                             "then data/empatheticdialogues/, then download)")
-    parser.add_argument("--index-dir", default=None,
-                        help="where to write the index (default: $ED_INDEX_DIR or data/index/)")
-    parser.add_argument("--split", default="train", choices=["train", "valid", "test"],
-                        help="which split's listener replies to index (the app and training use train)")
-    parser.add_argument("--index-type", default="flat", choices=INDEX_TYPES,
-                        help="flat = exact search; ivf/hnsw = approximate (recall@10 against flat is logged)")
-    parser.add_argument("--limit", type=count(0), default=0, help="index only a seeded random subset of N replies (0 = all)")
-    parser.add_argument("--batch-size", type=count(1), default=128, help="embedding batch size")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for --limit sampling")
-    parser.add_argument("--if-missing", action="store_true", help="do nothing when an index already exists there")
-    return parser.parse_args(argv)
+    def __post_init__(self) -> None:
+        """Refuse out-of-range numbers before anything is read."""
+        options.at_least(self, 0, "limit")
+        options.at_least(self, 1, "batch_size")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build the index and print its manifest."""
-    args = parse_args(argv)
+    (args,) = options.Parser(IndexArguments, description=__doc__).parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_seed(args.seed)
     index_dir = Path(args.index_dir) if args.index_dir else default_index_dir()

@@ -7,23 +7,23 @@ Per-system caches under <out>/cache/ let an interrupted run resume.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import platform
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from chatbot import metrics
-from chatbot.bot import DEFAULT_K, EmpatheticChatbot, Reply
+from chatbot import metrics, options
+from chatbot.bot import EmpatheticChatbot, Reply
 from chatbot.contexts import example_contexts
 from chatbot.data import (
     LISTENER,
@@ -38,9 +38,8 @@ from chatbot.data import (
 )
 from chatbot.embeddings import EMBEDDER_NAME, embed, load_embedder
 from chatbot.emotion import load_emotion_detector
-from chatbot.generation import PRESETS, GenerationSettings, preset
+from chatbot.generation import GenerationSettings, preset
 from chatbot.models import (
-    DEFAULT_BASE_MODEL,
     ModelLoadError,
     default_adapter,
     load_chat_model,
@@ -50,9 +49,10 @@ from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example
 from chatbot.retriever import QUERY_TURNS, IndexLoadError, Retriever, query_text
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, default_index_dir, set_seed
 from chatbot.scoring import perplexity
+from chatbot.systems import SYSTEMS, System
 
 logger = logging.getLogger("eval")
-DEFAULT_SYSTEMS = ("base", "base+rag", "tuned", "tuned+rag")
+EVAL_EXTRAS = ("sacrebleu", "rouge_score")  # requirements-eval.txt: reply metrics only (not --perplexity-only)
 RAG_SUFFIX = "+rag"
 CANDIDATES = 100  # P@1,100: the gold reply among 99 other test replies (Rashkin et al., 2019)
 CANDIDATE_POOL = 1000  # test replies the distractors are drawn from
@@ -98,54 +98,50 @@ ANCHORS = [
 
 @dataclass(frozen=True)
 class SystemSpec:
-    """One evaluated system: a base model, an optional adapter and whether retrieval is on."""
+    """One evaluated system (which parts answer, see chatbot.systems) on a base model, with its adapter folder."""
 
-    label: str
+    system: System
     base_model: str
     adapter: Path | None
-    use_retrieval: bool
 
     @property
     def slug(self) -> str:
         """A file-name-safe cache folder name; named after the adapter, so runs with other adapters reuse it."""
-        name = f"tuned-{self.adapter.name}" if self.adapter else self.label.removesuffix(RAG_SUFFIX)
-        return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + (RAG_SUFFIX if self.use_retrieval else "")
+        name = f"tuned-{self.adapter.name}" if self.adapter else self.system.name.removesuffix(RAG_SUFFIX)
+        rag = RAG_SUFFIX if self.system.retrieval else ""
+        return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + rag
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (every one documented in --help)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--systems", nargs="+", default=list(DEFAULT_SYSTEMS),
-                   help="base, base+rag, tuned, tuned+rag, or any base model name (gpt2, distilgpt2, a folder), "
-                        "optionally with +rag")
-    p.add_argument("--adapters", nargs="+", default=None,
-                   help="adapter folders the tuned systems use (default: the shipped one); several allowed")
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="the model behind 'base' systems")
-    p.add_argument("--limit", type=int, default=200,
-                   help="seeded sample of test listener replies (0 = every one of the test split)")
-    p.add_argument("--settings", default="greedy", choices=sorted(PRESETS),
-                   help="generation preset, the same for every system")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="retrieved dialogues per prompt for +rag systems")
-    p.add_argument("--data-dir", default=None, help="folder with the ED splits (default: $ED_DATA_DIR, data/)")
-    p.add_argument("--index-dir", default=None, help="train-split index (default: $ED_INDEX_DIR or data/index/)")
-    p.add_argument("--out", default=str(ASSETS_DIR / "results"), help="where results and caches go")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for the sample and the distractors")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-    p.add_argument("--perplexity-only", action="store_true",
-                   help="score only the gold replies' perplexity (no generation, emotion or retrieval measures)")
-    p.add_argument("--cache-dir", default=None, help="per-system caches (default: <out>/cache); runs may share one")
-    p.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS),
-                   help=f"fixed prompts replied to in samples.md (0 = no samples.md; at most {len(SAMPLE_PROMPTS)})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="test replies decoded together, left-padded (s/reply is then a batch's time per reply)")
-    args = p.parse_args(argv)
-    if args.limit < 0:
-        p.error("--limit must be 0 (all) or a positive number")
-    if args.batch_size < 1:
-        p.error("--batch-size must be at least 1")
-    if args.k < 1:
-        p.error("--k must be at least 1")
-    return args
+@dataclass
+class EvalArguments:
+    """What to evaluate, on which sample, with which settings, and where the results go."""
+
+    systems: list[str] = field(default_factory=lambda: list(SYSTEMS), metadata={
+        "help": "base, base+rag, tuned, tuned+rag, or any base model name (gpt2, distilgpt2, a folder), "
+                "optionally with +rag"})
+    adapters: list[str] | None = options.option(
+        None, "adapter folders the tuned systems use (unset: the shipped one); several allowed")
+    base_model: str = options.base_model_option()
+    limit: int = options.option(200, "seeded sample of test listener replies (0 = every one of the test split)")
+    preset: str = options.preset_option("greedy")
+    k: int = options.k_option()
+    data_dir: str | None = options.data_dir_option()
+    index_dir: str | None = options.index_dir_option()
+    out: str = options.option(str(ASSETS_DIR / "results"), "where results and caches go")
+    seed: int = options.option(DEFAULT_SEED, "seed for the sample and the distractors")
+    device: str | None = options.device_option()
+    perplexity_only: bool = options.option(
+        False, "score only the gold replies' perplexity (no generation, emotion or retrieval measures)")
+    cache_dir: str | None = options.option(None, "per-system caches (unset: <out>/cache); runs may share one")
+    samples: int = options.option(len(SAMPLE_PROMPTS), "fixed prompts replied to in samples.md "
+                                                       f"(0 = no samples.md; at most {len(SAMPLE_PROMPTS)})")
+    batch_size: int = options.option(DEFAULT_BATCH_SIZE, "test replies decoded together, left-padded "
+                                                         "(s/reply is then a batch's time per reply)")
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range numbers before anything loads."""
+        options.at_least(self, 0, "limit", "samples")
+        options.at_least(self, 1, "batch_size", "k")
 
 
 def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: str) -> list[SystemSpec]:
@@ -159,19 +155,20 @@ def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: st
                                      "(train one with train.py)")
             for adapter in adapters:
                 label = "tuned" if len(adapters) == 1 else f"tuned[{adapter.name}]"
-                specs.append(SystemSpec(label + (RAG_SUFFIX if rag else ""), read_adapter_meta(adapter)["base_model"],
-                                        adapter, rag))
+                system = System(label + (RAG_SUFFIX if rag else ""), adapter=True, retrieval=rag)
+                specs.append(SystemSpec(system, read_adapter_meta(adapter)["base_model"], adapter))
         else:
-            specs.append(SystemSpec(name, base_model if model == "base" else model, None, rag))
+            system = System(name, adapter=False, retrieval=rag)
+            specs.append(SystemSpec(system, base_model if model == "base" else model, None))
     return specs
 
 
-def protocol_key(spec: SystemSpec, args: argparse.Namespace, settings: GenerationSettings) -> str:
+def protocol_key(spec: SystemSpec, args: EvalArguments, settings: GenerationSettings) -> str:
     """What a cached result depends on; a different key discards the cache."""
     adapter = ""
     if spec.adapter:
         adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
-    key = [spec.base_model, adapter, spec.use_retrieval, args.limit, args.seed, args.k,
+    key = [spec.base_model, adapter, spec.system.retrieval, args.limit, args.seed, args.k,
            settings.to_dict(), PROMPT_FORMAT_VERSION]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -244,7 +241,7 @@ def score_system(
     """Perplexity of the gold replies, then (given gold vectors) generated replies and their quality metrics."""
     ppl = cache.load_perplexity()
     if ppl is None:
-        contexts = example_contexts(examples, embedder, bot.retriever if spec.use_retrieval else None, bot.emotion,
+        contexts = example_contexts(examples, embedder, bot.retriever if spec.system.retrieval else None, bot.emotion,
                                     bot.k, query_vectors)
         encoded = [encode_example(bot.chat.tokenizer, ex.history, ex.reply, c.references, c.emotion)
                    for ex, c in zip(examples, contexts)]
@@ -256,9 +253,9 @@ def score_system(
     done = cache.replies()
     pending = [i for i in range(len(examples)) if i not in done]
     dialogues = [(examples[i].history[-1].text, examples[i].history[:-1]) for i in pending]
-    replies = batched_replies(bot, dialogues, spec.use_retrieval, settings, batch_size)
+    replies = batched_replies(bot, dialogues, spec.system.retrieval, settings, batch_size)
     for i, (reply, seconds) in zip(pending, tqdm(replies, total=len(examples), initial=len(examples) - len(pending),
-                                                 desc=f"replies {spec.label}")):
+                                                 desc=f"replies {spec.system.name}")):
         done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds}
         cache.add_reply(done[i])
     rows = [done[i] for i in range(len(examples))]
@@ -334,7 +331,7 @@ def sample_replies(
     replies: dict[str, list[str]] = {}
     for label, (spec, bot) in tqdm(bots.items(), desc="samples"):
         replies[label] = [reply.text for reply, _ in
-                          batched_replies(bot, dialogues, spec.use_retrieval, settings, batch_size)]
+                          batched_replies(bot, dialogues, spec.system.retrieval, settings, batch_size)]
     return [{"dialogue": turns, "replies": {label: texts[n] for label, texts in replies.items()}}
             for n, turns in enumerate(SAMPLE_PROMPTS[:count])]
 
@@ -453,11 +450,16 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Score every requested system and write results.json, results.md, charts and samples.md."""
-    args = parse_args(argv)
+    (args,) = options.Parser(EvalArguments, description=__doc__.split("\n\n")[0]).parse(argv)
+    missing = [name for name in EVAL_EXTRAS if importlib.util.find_spec(name) is None]
+    if missing and not args.perplexity_only:  # found now, not after minutes of generation
+        print(f"error: {', '.join(missing)} not installed: run `make eval` or "
+              "`pip install -r requirements-eval.txt` (or pass --perplexity-only)", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     set_seed(args.seed)
     started = time.perf_counter()
-    settings = preset(args.settings)
+    settings = preset(args.preset)
     out = Path(args.out)
     try:
         adapters = [Path(a) for a in args.adapters] if args.adapters else [a for a in [default_adapter()] if a]
@@ -467,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         test_examples = examples_of(conversations)
         examples = sample(test_examples, args.limit or None, args.seed)
         embedder = load_embedder(device=args.device)
-        needs_index = any(s.use_retrieval for s in specs)
+        needs_index = any(s.system.retrieval for s in specs)
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
             if needs_index else None
         emotion = load_emotion_detector(embedder)
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the emotion classifier (assets/emotion) is missing", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
-    bots = {s.label: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
+    bots = {s.system.name: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
                                            embedder=embedder)) for s in specs}
     # Embedded once: every system's emotion and neighbours, and the retrieval scores, use the same query vectors.
     query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
@@ -500,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": "python eval.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "sample": f"{len(examples)} listener replies drawn at random (seed {args.seed}) from the official "
                       f"test split" + ("" if args.limit else " (all of them)"),
-            "settings_name": args.settings,
+            "settings_name": args.preset,
             "settings": settings.to_dict(),
             "k": args.k,
             "perplexity": "NLL of the gold listener reply and its end-of-turn token given the dialogue history, in "

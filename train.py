@@ -6,27 +6,29 @@ Several GPUs, no code change: `accelerate launch train.py ...` or `torchrun --np
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
 import sys
 import time
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import Trainer, TrainingArguments
 
-from chatbot.bot import DEFAULT_K, EmpatheticChatbot
+from chatbot import options
+from chatbot.bot import EmpatheticChatbot
 from chatbot.contexts import example_contexts
 from chatbot.data import DataError, Example, load_examples
 from chatbot.embeddings import load_embedder
 from chatbot.emotion import load_emotion_detector
 from chatbot.generation import PRESETS
-from chatbot.models import DEFAULT_BASE_MODEL, ModelLoadError, load_base_model, resolve_base_model, save_adapter
+from chatbot.models import ModelLoadError, load_base_model, resolve_base_model, save_adapter
 from chatbot.prompts import DEFAULT_MAX_PROMPT_TOKENS, SYSTEM_INSTRUCTION, EncodedExample, encode_example
 from chatbot.retriever import IndexLoadError, Retriever
-from chatbot.runtime import DEFAULT_SEED, default_index_dir, get_device, set_seed
+from chatbot.runtime import default_index_dir, set_seed
 from chatbot.scoring import features, pad_batch, perplexity, reply_loss
 
 logger = logging.getLogger("train")
@@ -34,55 +36,73 @@ METHODS = ("prompt-tuning", "lora", "full")
 # LoRA targets per architecture: attention projections (GPT-2 fuses q,k,v in a Conv1D, hence fan_in_fan_out).
 LORA_TARGETS = {"llama": (["q_proj", "k_proj", "v_proj", "o_proj"], False), "gpt2": (["c_attn"], True)}
 SAMPLE_PROMPTS = 5
+LEARNING_RATES = {"lora": 2e-4, "prompt-tuning": 3e-2, "full": 2e-5}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags (every one documented in --help)."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", choices=METHODS, default="lora", help="what to train (prompt tuning is the report's method)")
-    p.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                   help="smollm2-135m-instruct (packaged), gpt2, distilgpt2, a hub id or a local folder")
-    p.add_argument("--data-dir", default=None, help="folder with train/valid/test.csv (default: $ED_DATA_DIR, data/, download)")
-    p.add_argument("--index-dir", default=None, help="train-split retrieval index (default: $ED_INDEX_DIR or data/index/)")
-    p.add_argument("--retrieval", action=argparse.BooleanOptionalAction, default=True,
-                   help="put each example's top-k train neighbours (never its own conversation) in its prompt")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="retrieved dialogues per prompt (as at inference)")
-    p.add_argument("--emotion", action=argparse.BooleanOptionalAction, default=True,
-                   help="put the detected emotion in each prompt (as at inference)")
-    p.add_argument("--output-dir", required=True, help="where the adapter (or full model), metrics and plots go")
-    p.add_argument("--epochs", type=float, default=1.0, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=8, help="per-device batch size")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: 2e-4 LoRA, 3e-2 prompt tuning, 2e-5 full)")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_PROMPT_TOKENS, help="tokens per example (prompt + reply)")
-    p.add_argument("--limit", type=int, default=0, help="train on a seeded random subset of N examples (0 = all)")
-    p.add_argument("--eval-limit", type=int, default=200, help="valid examples evaluated during training")
-    p.add_argument("--test-limit", type=int, default=300, help="test examples for the final perplexity (0 = all)")
-    p.add_argument("--eval-steps", type=int, default=200, help="evaluate and checkpoint every N optimizer steps")
-    p.add_argument("--max-steps", type=int, default=-1, help="stop after N optimizer steps (overrides --epochs)")
-    p.add_argument("--save-limit", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--num-virtual-tokens", type=int, default=20, help="prompt tuning: virtual tokens")
-    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
-    p.add_argument("--lora-alpha", type=int, default=32, help="LoRA alpha")
-    p.add_argument("--lora-layers", type=int, default=0,
-                   help="adapt only the top N transformer layers (0 = all); backpropagation stops at the lowest "
-                        "adapted layer, so fewer layers train faster (about 1.6x with 10 of SmolLM2's 30 on CPU)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for sampling, initialisation and shuffling")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
-    args = p.parse_args(argv)
-    for flag in ("limit", "eval_limit", "test_limit"):
-        if getattr(args, flag) < 0:
-            p.error(f"--{flag.replace('_', '-')} must be 0 (all) or a positive number")
-    for flag in ("batch_size", "grad_accum", "eval_steps", "k", "save_limit"):
-        if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        p.error(f"--output-dir {args.output_dir} is a file, not a folder")
-    return args
+@dataclass
+class ScriptArguments:
+    """What to train, on which examples, in the chatbot's prompt format (the Trainer's own flags: TrainConfig)."""
+
+    method: str = options.option("lora", "what to train (prompt tuning is the report's method)", choices=METHODS)
+    base_model: str = options.base_model_option()
+    data_dir: str | None = options.data_dir_option()
+    index_dir: str | None = options.index_dir_option()
+    retrieval: bool = options.option(True, "put each example's top-k train neighbours (never its own conversation) "
+                                           "in its prompt")
+    k: int = options.k_option()
+    emotion: bool = options.option(True, "put the detected emotion in each prompt (as at inference)")
+    preset: str = options.preset_option("greedy")
+    max_length: int = options.option(DEFAULT_MAX_PROMPT_TOKENS, "tokens per example (prompt + reply)")
+    limit: int = options.option(0, "train on a seeded random subset of N examples (0 = all)")
+    eval_limit: int = options.option(200, "valid examples evaluated during training (0 = all)")
+    test_limit: int = options.option(300, "test examples for the final perplexity (0 = all)")
+    num_virtual_tokens: int = options.option(20, "prompt tuning: virtual tokens")
+    lora_r: int = options.option(16, "LoRA rank")
+    lora_alpha: int = options.option(32, "LoRA alpha")
+    lora_layers: int = options.option(0, "adapt only the top N transformer layers (0 = all); backpropagation stops "
+                                         "at the lowest adapted layer, so fewer layers train faster")
+
+    def __post_init__(self) -> None:
+        """Refuse out-of-range numbers before anything loads."""
+        options.at_least(self, 0, "limit", "eval_limit", "test_limit", "lora_layers")
+        options.at_least(self, 1, "k", "max_length", "num_virtual_tokens", "lora_r")
 
 
-def peft_config(method: str, model_type: str, num_layers: int, args: argparse.Namespace, tokenizer_path: str):
+def trainer_default(name: str, value: object) -> Any:
+    """TrainingArguments' field `name`, help included, with this project's default."""
+    return field(default=value, metadata=TrainingArguments.__dataclass_fields__[name].metadata)
+
+
+@dataclass
+class TrainConfig(TrainingArguments):
+    """TrainingArguments with this project's defaults, as trl's SFTConfig: every Trainer flag works as documented."""
+
+    learning_rate: float | None = field(default=None, metadata={
+        "help": f"peak learning rate (unset: {', '.join(f'{v:g} {k}' for k, v in LEARNING_RATES.items())})"})
+    num_train_epochs: float = trainer_default("num_train_epochs", 1.0)
+    lr_scheduler_type: str = trainer_default("lr_scheduler_type", "cosine")
+    warmup_steps: float = trainer_default("warmup_steps", 0.03)
+    eval_strategy: str = trainer_default("eval_strategy", "steps")
+    eval_steps: float | None = trainer_default("eval_steps", 200)
+    save_steps: float = trainer_default("save_steps", 200)
+    save_total_limit: int | None = trainer_default("save_total_limit", 2)
+    logging_steps: float = trainer_default("logging_steps", 10)
+    remove_unused_columns: bool = trainer_default("remove_unused_columns", False)
+    prediction_loss_only: bool = trainer_default("prediction_loss_only", True)
+    train_sampling_strategy: str = trainer_default("train_sampling_strategy", "group_by_length")  # less padding
+
+    def __post_init__(self) -> None:
+        """Check this project's rules, then let TrainingArguments check its own."""
+        if not self.output_dir:
+            raise ValueError("--output-dir is required: where the adapter (or full model), metrics and plots go")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise ValueError(f"--output-dir {self.output_dir} is a file, not a folder")
+        options.at_least(self, 1, "per_device_train_batch_size", "per_device_eval_batch_size",
+                         "gradient_accumulation_steps")
+        super().__post_init__()
+
+
+def peft_config(method: str, model_type: str, num_layers: int, args: ScriptArguments, tokenizer_path: str):
     """The peft configuration for a method and architecture (None for full fine-tuning)."""
     from peft import LoraConfig, PromptTuningConfig, PromptTuningInit
 
@@ -159,17 +179,18 @@ def plot_losses(log_history: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Train, evaluate perplexity, save the adapter with its metadata, plot and sample."""
-    args = parse_args(argv)
+    args, config = options.Parser((ScriptArguments, TrainConfig), description=__doc__.split("\n\n")[0]).parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    set_seed(args.seed)
-    out = Path(args.output_dir)
+    set_seed(config.seed)
+    config.learning_rate = config.learning_rate or LEARNING_RATES[args.method]
+    out, device = Path(config.output_dir), str(config.device)
     started = time.perf_counter()
     try:
-        chat = load_base_model(args.base_model, args.device)
-        train_examples = load_examples(args.data_dir, "train", args.limit or None, args.seed)
-        valid_examples = load_examples(args.data_dir, "valid", args.eval_limit or None, args.seed)
-        test_examples = load_examples(args.data_dir, "test", args.test_limit or None, args.seed)
-        embedder = load_embedder(device=args.device)
+        chat = load_base_model(args.base_model, device)
+        train_examples = load_examples(args.data_dir, "train", args.limit or None, config.seed)
+        valid_examples = load_examples(args.data_dir, "valid", args.eval_limit or None, config.seed)
+        test_examples = load_examples(args.data_dir, "test", args.test_limit or None, config.seed)
+        embedder = load_embedder(device=device)
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
             if args.retrieval else None
     except (DataError, ModelLoadError, IndexLoadError, OSError) as err:
@@ -187,57 +208,28 @@ def main(argv: list[str] | None = None) -> int:
     test_replies = [ex.reply for ex in test_examples]
     base_test = perplexity(chat, test_set, test_replies, progress=True)
 
-    config = peft_config(args.method, chat.model.config.model_type, chat.model.config.num_hidden_layers, args,
-                         resolve_base_model(args.base_model))
+    adapter_config = peft_config(args.method, chat.model.config.model_type, chat.model.config.num_hidden_layers,
+                                 args, resolve_base_model(args.base_model))
     model = chat.model
-    if config is not None:
+    if adapter_config is not None:
         from peft import get_peft_model
 
-        model = get_peft_model(model, config)
+        model = get_peft_model(model, adapter_config)
         model.print_trainable_parameters()
     model.train()
-    lr = args.lr or {"lora": 2e-4, "prompt-tuning": 3e-2, "full": 2e-5}[args.method]
-    device = get_device(args.device)
-    training_args = TrainingArguments(
-        output_dir=str(out / "checkpoints"),
-        num_train_epochs=args.epochs,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=lr,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(0.03 * args.max_steps)) if args.max_steps > 0 else 10,
-        eval_strategy="steps",
-        eval_steps=args.eval_steps,
-        save_strategy="steps",
-        save_steps=args.eval_steps,
-        save_total_limit=args.save_limit,
-        logging_steps=max(1, min(10, args.eval_steps)),
-        bf16=device.type == "cuda" and torch.cuda.is_bf16_supported(),
-        use_cpu=device.type == "cpu",
-        seed=args.seed,
-        data_seed=args.seed,
-        report_to=[],
-        remove_unused_columns=False,
-        prediction_loss_only=True,
-        train_sampling_strategy="group_by_length",  # less padding per batch
-        disable_tqdm=False,
-    )
     pad_id = chat.tokenizer.pad_token_id
     trainer = ReplyLossTrainer(
         model=model,
-        args=training_args,
+        args=config,
         train_dataset=ExampleDataset(train_set),
         eval_dataset=ExampleDataset(valid_set),
         data_collator=lambda batch: pad_batch(batch, pad_id),
     )
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*")) if args.resume else []
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     model.eval()
 
     tuned = type(chat)(model=model, tokenizer=chat.tokenizer, base_model=chat.base_model,
-                       adapter_path=out if config is not None else None)
+                       adapter_path=out if adapter_config is not None else None)
     metrics = {
         "valid_perplexity_detail": perplexity(tuned, valid_set, [ex.reply for ex in valid_examples]),
         "test_perplexity_detail": perplexity(tuned, test_set, test_replies, progress=True),
@@ -257,11 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                   "loss on reply tokens + end-of-turn token; word perplexity = exp(total NLL / reply words); "
                   f"retrieval={'on' if retriever else 'off'} (k={args.k}, own conversation excluded), "
                   f"emotion={'on' if emotion else 'off'}"),
-        device=str(device),
+        device=device,
+        train_losses=[h["loss"] for h in trainer.state.log_history if "loss" in h],
     )
     if any(math.isnan(v) for v in (metrics["test_perplexity"], metrics["valid_perplexity"])):
         logger.warning("NaN perplexity: check the learning rate")
-    training_record = dict(vars(args), learning_rate=lr, retrieval_k=args.k if retriever else 0,
+    defaults = TrainConfig(output_dir=config.output_dir)  # the Trainer flags this run changed are recorded
+    changed = {f.name: getattr(config, f.name) for f in fields(config)
+               if f.init and getattr(config, f.name) != getattr(defaults, f.name)}
+    training_record = dict(asdict(args), **changed, retrieval_k=args.k if retriever else 0,
                            index_manifest=retriever.manifest if retriever else None)
     save_adapter(model, chat.tokenizer, out, chat.base_model, training_record, metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -271,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = []
     for ex in test_examples[:SAMPLE_PROMPTS]:
         reply = bot.respond(ex.history[-1].text, ex.history[:-1], use_retrieval=retriever is not None,
-                            settings=PRESETS["greedy"])
+                            settings=PRESETS[args.preset])
         samples.append({"history": [t.text for t in ex.history], "gold": ex.reply, "reply": reply.text})
         print(f"\n> {ex.history[-1].text}\n  gold: {ex.reply}\n  ours: {reply.text}")
     (out / "samples.json").write_text(json.dumps(samples, indent=2, ensure_ascii=False))

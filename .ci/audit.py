@@ -1,8 +1,9 @@
 """Audit requirements.txt for known vulnerabilities with pip-audit and print a report (`make audit`).
 
-Exit status: 1 when a known vulnerability is found (not listed with --ignore-vuln); 0 otherwise, including
-when the vulnerability service cannot be reached: then the report says loudly that the audit is incomplete,
-because pip-audit itself would print "No known vulnerabilities found" for packages it never checked.
+Exit status: 0 when every package was checked and none has a known vulnerability (not listed with
+--ignore-vuln); 1 when one has; 3 when some or all packages could not be checked (the vulnerability service
+out of reach): the audit was not done, which is not a pass, though pip-audit itself would print "No known
+vulnerabilities found" for packages it never checked. Each package not checked is listed with the reason.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ def summarise(report: dict) -> tuple[list[str], list[str], int]:
     return found, skipped, checked
 
 
+NOT_CHECKED = 3
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Audit, print the report, and fail only on known vulnerabilities."""
+    """Audit and print the report: 0 checked and clean, 1 vulnerable, 3 not (fully) checked."""
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "audit.json"
@@ -66,19 +70,27 @@ def main(argv: list[str] | None = None) -> int:
         try:
             report = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            print(f"WARNING: the dependency audit could not run (pip-audit exit {status}): {errors}\n"
-                  "Not failing: the vulnerability service is probably unreachable (offline?).")
-            return 0
+            print(f"AUDIT NOT DONE: pip-audit could not run (exit {status}): {errors}\n"
+                  "No package was checked; this is not a pass.")
+            return NOT_CHECKED
     found, skipped, checked = summarise(report)
     total = checked + len(skipped)
-    print(f"Dependency audit of {args.requirements} ({args.service}): {checked} of {total} packages checked, "
-          f"{len(found)} known vulnerabilities" + (f", ignoring {', '.join(args.ignore_vuln)}" if args.ignore_vuln else ""))
+    ignoring = f" (ignoring {', '.join(args.ignore_vuln)})" if args.ignore_vuln else ""
+    print(f"Dependency audit of {args.requirements} ({args.service}){ignoring}:")
     for line in found:
-        print(f"  VULNERABLE {line}")
+        print(f"  VULNERABLE   {line}")
+    for line in skipped:
+        print(f"  NOT CHECKED  {line}")
+    if found:
+        print(f"AUDIT FAILED: {len(found)} known vulnerabilities in {checked} checked packages "
+              f"({len(skipped)} of {total} not checked)")
+        return 1
     if skipped:
-        print(f"WARNING: {len(skipped)} packages could not be checked, so this audit is incomplete, not clean. "
-              f"First: {skipped[0]}")
-    return 1 if found else 0
+        clean = f"the {checked} checked have no known vulnerability" if checked else "none was checked"
+        print(f"AUDIT NOT DONE: {len(skipped)} of {total} packages could not be checked ({clean}). This is not a pass.")
+        return NOT_CHECKED
+    print(f"AUDIT PASSED: all {total} packages checked, no known vulnerabilities")
+    return 0
 
 
 if __name__ == "__main__":

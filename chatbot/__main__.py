@@ -7,36 +7,27 @@ import json
 import logging
 import sys
 
-from chatbot.bot import DEFAULT_K, SYSTEMS, EmpatheticChatbot, normalize_message
+from chatbot import options
+from chatbot.bot import normalise_message
 from chatbot.data import LISTENER, SPEAKER, Turn
-from chatbot.generation import DEFAULT_PRESET, PRESETS
-from chatbot.models import DEFAULT_BASE_MODEL, ModelLoadError
+from chatbot.generation import PRESETS
+from chatbot.models import ModelLoadError
+from chatbot.systems import SYSTEMS
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line flags."""
-    parser = argparse.ArgumentParser(prog="python -m chatbot", description=__doc__)
+def parse_args(argv: list[str] | None = None) -> tuple[options.BotArguments, argparse.Namespace]:
+    """Command-line flags: the bot's (shared with the app), then the terminal chat's own."""
+    parser = options.Parser(options.BotArguments, prog="python -m chatbot", description=__doc__)
     parser.add_argument("message", nargs="?", help="answer this one message and exit (omit for an interactive chat)")
+    parser.add_argument("--system", choices=list(SYSTEMS), help="a named system (overrides --no-retrieval)")
     parser.add_argument("--json", action="store_true", help="print one JSON object (reply, emotion, retrieved, crisis)")
     parser.add_argument("--no-retrieval", action="store_true", help="do not put retrieved dialogues in the prompt")
-    parser.add_argument("--system", choices=list(SYSTEMS), default=None,
-                        help="a named system (overrides --no-retrieval): base, base+rag, tuned, tuned+rag")
-    parser.add_argument("--adapter", default="default",
-                        help="peft adapter folder, 'default' (the shipped one, when present) or 'none'")
-    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL,
-                        help="smollm2-135m-instruct (packaged), gpt2, distilgpt2, a hub id or a local folder")
-    parser.add_argument("--index-dir", default=None, help="retrieval index folder (default: $ED_INDEX_DIR or data/index/)")
-    parser.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET, help="generation settings preset")
-    parser.add_argument("--k", type=int, default=DEFAULT_K, help="how many dialogues to retrieve")
-    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: CUDA when available)")
     parser.add_argument("--verbose", action="store_true", help="log loading details")
-    args = parser.parse_args(argv)
-    if args.k < 1:
-        parser.error(f"--k must be at least 1, not {args.k}")
+    args, chat = parser.parse(argv)
     # Checked before the model loads: an empty one-shot message is a usage error, not a chat turn.
-    if args.message is not None and not normalize_message(args.message)[0]:
+    if chat.message is not None and not normalise_message(chat.message)[0]:
         parser.error("the message is empty (after removing control characters and white space)")
-    return args
+    return args, chat
 
 
 def print_notes(notes: list[str]) -> None:
@@ -47,20 +38,20 @@ def print_notes(notes: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Answer one message or run an interactive chat in the terminal."""
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    args, chat = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if chat.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        bot = EmpatheticChatbot.from_pretrained(args.base_model, args.adapter, args.index_dir, args.device, args.k)
+        bot = args.load()
     except ModelLoadError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     settings = PRESETS[args.preset]
-    use_retrieval = not args.no_retrieval
+    use_retrieval = not chat.no_retrieval
     print_notes(bot.notes)
-    if args.message is not None:
-        reply = bot.respond(args.message, use_retrieval=use_retrieval, settings=settings, system=args.system)
-        if args.json:
+    if chat.message is not None:
+        reply = bot.respond(chat.message, use_retrieval=use_retrieval, settings=settings, system=chat.system)
+        if chat.json:
             print(json.dumps(reply.to_dict(), ensure_ascii=False, indent=2))
         else:
             print_notes(reply.notes)
@@ -79,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         print("bot> ", end="", flush=True)
         shown = ""
-        for reply in bot.stream(message, history, use_retrieval, settings, args.system):
+        for reply in bot.stream(message, history, use_retrieval, settings, chat.system):
             if reply.text.startswith(shown):
                 print(reply.text[len(shown):], end="", flush=True)
             else:  # the final text replaced the streamed one (crisis or safety fallback)

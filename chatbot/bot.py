@@ -51,11 +51,10 @@ from chatbot.prompts import (
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir, engine_choice
 from chatbot.safety import CONCERN_CHECK_IN, CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
+from chatbot.systems import get_system
 
 logger = logging.getLogger(__name__)
 
-# System names used everywhere (app, API, eval.py): which model and whether retrieval is on.
-SYSTEMS = {"base": (False, False), "base+rag": (False, True), "tuned": (True, False), "tuned+rag": (True, True)}
 MAX_MESSAGE_CHARS = 2000  # longer messages are cut (and the reply says so): replies stay fast
 DEFAULT_K = 3  # retrieved dialogues per prompt: more lengthen the prompt (and the wait) more than they help
 EMPTY_MESSAGE_REPLY = "I'm here whenever you're ready. Tell me what's on your mind."
@@ -63,6 +62,9 @@ ERROR_REPLY = "I'm sorry, something went wrong on my side while replying. Could 
 STOP_STRINGS = ["Speaker:", "<|im_start|>"]
 
 
+# model: generated text; concern: a model reply ending with a check-in line; crisis: the fixed safety reply;
+# empty: nothing was typed; fallback: the output screen replaced the generated text; error: generation failed.
+ReplyKind = Literal["model", "concern", "crisis", "empty", "fallback", "error"]
 SELECT_CANDIDATES = 4  # generated candidates of a selecting system when the settings ask for one reply
 REPLY_WORDS = (2, 60)  # a candidate shorter or longer than this (in words) is not shown
 
@@ -88,7 +90,7 @@ class Reply:
     """A reply and everything shown beside it."""
 
     text: str
-    kind: str = "model"  # model | concern (model reply + check-in line) | crisis | empty | fallback | error
+    kind: ReplyKind = "model"
     emotion: EmotionPrediction | None = None
     retrieved: list[RetrievedDialogue] = field(default_factory=list)
     prompt_tokens: int = 0
@@ -128,14 +130,6 @@ class Reply:
         }
 
 
-def parse_system(name: str) -> tuple[bool, bool]:
-    """(use_adapter, use_retrieval) for a system name, with a clear error for unknown names."""
-    try:
-        return SYSTEMS[name]
-    except KeyError:
-        raise ValueError(f"Unknown system {name!r}; choose from {', '.join(SYSTEMS)}") from None
-
-
 def clean_message(message: str) -> str:
     """Drop control characters and surrounding whitespace; the crisis screen reads this, before any cut."""
     if not isinstance(message, str):
@@ -150,7 +144,7 @@ def cut_message(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def normalize_message(message: str) -> tuple[str, bool]:
+def normalise_message(message: str) -> tuple[str, bool]:
     """Drop control characters and cap the length; returns (text, truncated)."""
     return cut_message(clean_message(message))
 
@@ -355,8 +349,8 @@ class EmpatheticChatbot:
         self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | None
     ) -> tuple[Reply, Prompt | None, bool]:
         """Everything before the model: (reply so far, prompt or None when the reply is already final, use_adapter)."""
-        use_adapter, use_retrieval = parse_system(system) if system else (True, use_retrieval)
-        system = system or ("tuned+rag" if use_retrieval else "tuned")
+        chosen = get_system(system or ("tuned+rag" if use_retrieval else "tuned"))
+        use_adapter, use_retrieval, system = chosen.adapter, chosen.retrieval, chosen.name
         turns = [t if isinstance(t, Turn) else None for t in history]
         turns = list(history) if all(turns) else history_from_messages(history)
         whole = clean_message(message)

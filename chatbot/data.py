@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
-import json
 import logging
 import os
 import random
@@ -16,7 +14,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, PROJECT_ROOT
+from chatbot.runtime import DEFAULT_SEED, PROJECT_ROOT, data_dir_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +70,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None, download: bool =
         if not path.exists():
             raise DataError(f"--data-dir {path} does not exist")
         return path
-    if os.environ.get("ED_DATA_DIR"):
-        path = Path(os.environ["ED_DATA_DIR"])
+    path = data_dir_from_env()
+    if path is not None:
         if not path.exists():
             raise DataError(f"ED_DATA_DIR={path} does not exist")
         return path
@@ -253,28 +251,3 @@ def plot_emotion_distribution(stats: dict, path: Path) -> Path:
     plt.close(fig)
     path.write_bytes(buffer.getvalue())
     return path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m chatbot.data`: print data set statistics and save the emotion distribution figure."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--data-dir", default=None, help="folder with train/valid/test.csv or the release .tar.gz")
-    parser.add_argument(
-        "--plot",
-        default=str(ASSETS_DIR / "figures" / "emotion_distribution.png"),
-        help="where to save the emotion distribution bar chart ('' to skip)",
-    )
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        stats = dataset_stats(args.data_dir)
-    except DataError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(json.dumps(stats["splits"], indent=2))
-    if args.plot:
-        print(f"saved {plot_emotion_distribution(stats, Path(args.plot))}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

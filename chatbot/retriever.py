@@ -68,7 +68,7 @@ def _records(examples: Iterable[Example]) -> list[dict]:
     ]
 
 
-def _faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
+def faiss_index(vectors: np.ndarray, index_type: str) -> faiss.Index:
     dim = vectors.shape[1]
     if index_type == "flat":
         index = faiss.IndexFlatIP(dim)
@@ -116,7 +116,7 @@ def build_index(
     started = time.perf_counter()
     records = _records(examples)
     vectors = embed(embedder, [r["context"] for r in records], batch_size=batch_size, progress=True)
-    index = _faiss_index(vectors, index_type)
+    index = faiss_index(vectors, index_type)
     seconds = time.perf_counter() - started
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,

@@ -1,4 +1,8 @@
-"""The one place that picks the device, seeds runs and locates project folders."""
+"""The one place that picks the device, seeds runs, locates project folders and reads `ED_*` environment variables.
+
+ED_DATA_DIR (the Empathetic Dialogues folder), ED_INDEX_DIR (the retrieval index), ED_CACHE_DIR (converted models),
+ED_DEVICE (cpu, cuda, ...) and ED_AUTH (the app's login, user:password).
+"""
 
 from __future__ import annotations
 
@@ -56,6 +60,16 @@ def cache_dir() -> Path:
 def default_index_dir() -> Path:
     """The one index folder that build_index.py writes and everything else reads ($ED_INDEX_DIR overrides)."""
     return Path(os.environ.get("ED_INDEX_DIR", PROJECT_ROOT / "data" / "index"))
+
+
+def data_dir_from_env() -> Path | None:
+    """The Empathetic Dialogues folder named by $ED_DATA_DIR, if set."""
+    return Path(os.environ["ED_DATA_DIR"]) if os.environ.get("ED_DATA_DIR") else None
+
+
+def app_auth() -> str | None:
+    """The web app's login as user:password ($ED_AUTH), if set."""
+    return os.environ.get("ED_AUTH") or None
 
 
 def package_dir(package: str) -> Path | None:

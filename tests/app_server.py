@@ -14,16 +14,23 @@ import pytest
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+from conftest import REAL_DATA  # noqa: E402
+
 from chatbot.bot import EmpatheticChatbot  # noqa: E402
 from chatbot.data import load_conversations, load_examples  # noqa: E402
 from chatbot.embeddings import embed
 from chatbot.emotion import train_detector  # noqa: E402
+from chatbot.generation import DEFAULT_PRESET, PRESETS  # noqa: E402
 from chatbot.models import wrap_model  # noqa: E402
 from chatbot.retriever import Retriever, build_from_data, build_index  # noqa: E402
 from chatbot.runtime import PROJECT_ROOT  # noqa: E402
 from chatbot.safety import CrisisScreen  # noqa: E402
+from chatbot.web import launch_options  # noqa: E402
+from chatbot.web.page import SLIDER_ROWS  # noqa: E402
 
-REAL_DATA = Path(os.environ.get("ED_DATA_DIR", PROJECT_ROOT.parent / "shared" / "data" / "empatheticdialogues"))
+SLIDERS = [name for row in SLIDER_ROWS for name in row]
+# The generation controls as the page sends them: by name, at the default preset's values.
+CONTROLS = {"preset": DEFAULT_PRESET, **{name: float(getattr(PRESETS[DEFAULT_PRESET], name)) for name in SLIDERS}}
 OUTPUT_DIR = PROJECT_ROOT / "test-output"
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -56,13 +63,11 @@ def updating_screenshots() -> bool:
 
 @functools.cache
 def real_bot() -> EmpatheticChatbot:
-    """The bot `app.py` loads at import, with retrieval on (a small index from the real data when none is built).
+    """The bot `app.py` serves, with retrieval on (a small index from the real data when none is built).
 
     Skips the calling test when there is neither an index nor the real data.
     """
-    import app
-
-    bot = app.BOT
+    bot = EmpatheticChatbot.from_pretrained()
     if bot.retriever is None:
         if not (REAL_DATA / "train.csv").exists():
             pytest.skip(f"no index and no real data at {REAL_DATA}")
@@ -79,12 +84,30 @@ def serve(demo, **launch) -> Iterator[str]:
 
     `launch` adds or overrides `demo.launch` arguments (auth, allowed_paths...).
     """
-    import app
-
     port = free_port()
     demo.launch(**{"server_name": "127.0.0.1", "server_port": port, "prevent_thread_lock": True, "quiet": True,
-                   "ssr_mode": False, **app.launch_options(), **launch})
+                   "ssr_mode": False, **launch_options(), **launch})
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
+
+
+def ui_handler(demo, name: str):
+    """A page event handler by function name (page events are not part of the documented API)."""
+    for block_fn in demo.fns.values():
+        if getattr(block_fn.fn, "__name__", None) == name:
+            return block_fn.fn
+    raise LookupError(name)
+
+
+def by_id(update: dict) -> dict:
+    """A handler's update ({component: value}) keyed by the components' elem_id (a gr.State as "state")."""
+    return {getattr(component, "elem_id", None) or "state": value for component, value in update.items()}
+
+
+def chat(demo, message: str, history: list | None = None, retrieval: bool = True, **controls: object) -> list[dict]:
+    """Every update the chat handler yields for one message (`controls`: preset and sliders other than the default)."""
+    updates = ui_handler(demo, "run_chat")(message=message, history_value=history or [], retrieval=retrieval,
+                                           **{**CONTROLS, **controls})
+    return [by_id(update) for update in updates]

@@ -7,10 +7,11 @@ import json
 import pytest
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
 
-from chatbot.bot import EMPTY_MESSAGE_REPLY, ERROR_REPLY, MAX_MESSAGE_CHARS, EmpatheticChatbot, parse_system
+from chatbot.bot import EMPTY_MESSAGE_REPLY, ERROR_REPLY, MAX_MESSAGE_CHARS, EmpatheticChatbot
 from chatbot.generation import PRESETS, GenerationSettings, preset
 from chatbot.models import HUB_IDS, ModelLoadError, attach_adapter, save_adapter
 from chatbot.safety import CRISIS_REPLY, CrisisScreen
+from chatbot.systems import SYSTEMS, get_system
 from tests.conftest import random_adapter
 
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=8)
@@ -85,9 +86,12 @@ def test_settings_presets_and_validation():
         GenerationSettings().updated(temprature=1.0)
     with pytest.raises(ValueError, match="Unknown preset"):
         preset("fast")
-    assert parse_system("tuned+rag") == (True, True)
-    with pytest.raises(ValueError, match="Unknown system"):
-        parse_system("gpt5")
+    tuned_rag = get_system("tuned+rag")
+    assert (tuned_rag.adapter, tuned_rag.retrieval, tuned_rag.select) == (True, True, False)
+    assert [(s.adapter, s.retrieval) for s in SYSTEMS.values()] == [(False, False), (False, True), (True, False),
+                                                                    (True, True)]
+    with pytest.raises(ValueError, match="Unknown system 'gpt5'; choose one of: base, base"):
+        get_system("gpt5")
 
 
 def test_beam_search_report_preset_runs(tiny_chat):

@@ -15,6 +15,7 @@ from app_server import CHROMIUM, OUTPUT_DIR, real_bot, serve, tiny_bot, updating
 
 from chatbot.bot import DEFAULT_K, MAX_MESSAGE_CHARS
 from chatbot.runtime import ASSETS_DIR
+from chatbot.web import build_demo
 
 pytestmark = pytest.mark.browser
 
@@ -43,9 +44,7 @@ def tiny_bot_for_browser(gpt2_tokenizer, embedder, synthetic_data, tmp_path_fact
 
 @pytest.fixture(scope="module")
 def tiny_url(browser, tiny_bot_for_browser):
-    import app
-
-    with serve(app.build_demo(tiny_bot_for_browser)) as url:
+    with serve(build_demo(tiny_bot_for_browser)) as url:
         yield url
 
 
@@ -203,10 +202,8 @@ def test_stop_ends_the_reply_and_the_chat_goes_on(page, tiny_bot_for_browser, mo
 
 @pytest.mark.integration
 def test_real_model_screenshots(browser):
-    import app
-
     bot = real_bot()
-    with serve(app.build_demo(bot)) as url:
+    with serve(build_demo(bot)) as url:
         tab = Page(browser, url)
         try:
             states = tab.send("My dog died today. I am so distraught.", timeout=240, settle=5)

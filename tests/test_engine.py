@@ -258,7 +258,7 @@ def test_corrupt_or_unbuildable_export_falls_back_with_a_note(shipped, onnx, mon
 
 
 def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tokenizer):
-    from chatbot.bench import DECODE_PATHS, bench_compare, bench_decode, environment, markdown
+    from bench import DECODE_PATHS, bench_compare, bench_decode, environment, markdown
 
     chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")

@@ -84,3 +84,12 @@ def test_out_of_range_flags_are_refused(capsys, flags, message):
     with pytest.raises(SystemExit) as exit_info:
         evaluation.main(flags)
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_missing_evaluation_extras_are_reported_before_any_work(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else find_spec(name, *a))
+    assert evaluation.main(["--data-dir", "/no/such/data", "--out", str(tmp_path / "results")]) == 2
+    assert "sacrebleu not installed: run `make eval`" in capsys.readouterr().err

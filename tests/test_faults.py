@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_server import serve, tiny_bot
+from app_server import chat, serve, tiny_bot
 from cli_runner import read_output, save_adapter_for, save_tiny_model, snapshot, start_cli
 from conftest import SYNTHETIC, write_split
 from gradio_client import Client
@@ -22,16 +22,11 @@ from chatbot.generation import PRESETS
 from chatbot.models import ADAPTER_META_FILE
 from chatbot.retriever import Retriever, build_index, recover_interrupted_build
 from chatbot.safety import CrisisScreen
+from chatbot.web import build_demo
+from chatbot.web.render import retrieved_html
 
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=8)
 DEAD_PID = 99_999_999  # above any Linux pid_max: never a live process
-
-
-@pytest.fixture(scope="module")
-def app_module():
-    import app
-
-    return app
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +54,9 @@ def load_bot(model_dir: Path, index_dir: Path, embedder, crisis: CrisisScreen, m
     return EmpatheticChatbot.from_pretrained(str(model_dir), adapter, index_dir, device="cpu")
 
 
-def shown_status(app_module, bot: EmpatheticChatbot) -> str:
+def shown_status(bot: EmpatheticChatbot) -> str:
     """The start-up notes as the page shows them (the status Markdown above the tabs)."""
-    config = app_module.build_demo(bot).get_config_file()
+    config = build_demo(bot).get_config_file()
     status = [c["props"] for c in config["components"] if "ed-status" in (c["props"].get("elem_classes") or [])]
     assert status and status[0]["visible"], "no visible status notes"
     return status[0]["value"]
@@ -97,14 +92,14 @@ def break_index(good: Path, folder: Path, how: str) -> Path:
     ("another embedder", "embedder 'some/other-embedder' != 'sentence-transformers/all-MiniLM-L6-v2'"),
 ])
 def test_broken_index_means_chat_without_retrieval_and_the_page_says_so(
-        how, says, good_index, model_dir, embedder, crisis, app_module, tmp_path, monkeypatch):
+        how, says, good_index, model_dir, embedder, crisis, tmp_path, monkeypatch):
     bot = load_bot(model_dir, break_index(good_index, tmp_path, how), embedder, crisis, monkeypatch)
     assert bot.retriever is None
     assert any(note.startswith("Retrieval is off") and says in note for note in bot.notes), bot.notes
-    assert says in shown_status(app_module, bot).replace("\\_", "_")
+    assert says in shown_status(bot).replace("\\_", "_")
     reply = bot.respond("My goldfish died this morning.", settings=GREEDY)
     assert reply.kind in {"model", "fallback"} and reply.text and reply.retrieved == []
-    assert "No retrieval index is loaded" in app_module.retrieved_html(reply, True, bot, None)
+    assert "No retrieval index is loaded" in retrieved_html(reply, True, bot, None)
 
 
 def big_data_set(folder: Path, copies: int) -> Path:
@@ -190,12 +185,12 @@ def adapter_for(kind: str, folder: Path, tokenizer) -> Path | None:
     ("corrupt", "Corrupt adapter metadata"),
 ])
 def test_unfit_adapter_means_the_base_model_runs_and_the_page_says_so(
-        kind, says, model_dir, good_index, embedder, crisis, gpt2_tokenizer, app_module, tmp_path, monkeypatch):
+        kind, says, model_dir, good_index, embedder, crisis, gpt2_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr("chatbot.models.default_adapter", lambda: adapter_for(kind, tmp_path, gpt2_tokenizer))
     bot = load_bot(model_dir, good_index, embedder, crisis, monkeypatch, adapter="default")
     assert not bot.chat.has_adapter and bot.retriever is not None
     assert any(says in note for note in bot.notes), bot.notes
-    assert "use the base model" in shown_status(app_module, bot)
+    assert "use the base model" in shown_status(bot)
     reply = bot.respond("I passed my driving test!", settings=GREEDY, system="tuned+rag")
     assert reply.kind in {"model", "fallback"} and reply.text and reply.retrieved
 
@@ -222,24 +217,22 @@ def fail_mid_stream(bot: EmpatheticChatbot, monkeypatch, good_steps: int = 6) ->
     monkeypatch.setattr(model, "forward", failing)
 
 
-def test_model_failing_mid_stream_gives_an_apology_and_the_next_reply_works(bot, app_module, monkeypatch):
-    run_chat = next(f.fn for f in app_module.build_demo(bot).fns.values()
-                    if getattr(f.fn, "__name__", "") == "run_chat")
-    controls = ["greedy", *[getattr(GREEDY, name) for name in ("temperature", "top_p", "max_new_tokens",
-                                                               "repetition_penalty", "num_beams")]]
+def test_model_failing_mid_stream_gives_an_apology_and_the_next_reply_works(bot, monkeypatch):
+    demo = build_demo(bot)
     fail_mid_stream(bot, monkeypatch)
-    outputs = list(run_chat("My goldfish died this morning.", [], True, *controls))
-    shown = [o[1][-1]["content"] for o in outputs[1:]]
+    outputs = chat(demo, "My goldfish died this morning.", preset="greedy", max_new_tokens=GREEDY.max_new_tokens)
+    shown = [o["chatbot"][-1]["content"] for o in outputs[1:]]
     assert any(text and text != ERROR_REPLY for text in shown[:-1])  # part of a reply was on screen...
     assert shown[-1] == ERROR_REPLY  # ...then the apology replaced it
-    assert "Something went wrong" in outputs[-1][5]
+    assert "Something went wrong" in outputs[-1]["notes"]
     monkeypatch.undo()
-    *_, last = run_chat("Thank you for listening.", outputs[-1][2], True, *controls)
-    assert last[1][-1]["content"] not in ("", ERROR_REPLY) and len(last[2]) == 4
+    last = chat(demo, "Thank you for listening.", outputs[-1]["state"], preset="greedy",
+                max_new_tokens=GREEDY.max_new_tokens)[-1]
+    assert last["chatbot"][-1]["content"] not in ("", ERROR_REPLY) and len(last["state"]) == 4
 
 
-def test_model_failing_mid_stream_through_the_api(bot, app_module, monkeypatch):
-    with serve(app_module.build_demo(bot)) as url:
+def test_model_failing_mid_stream_through_the_api(bot, monkeypatch):
+    with serve(build_demo(bot)) as url:
         client = Client(url, verbose=False)
         fail_mid_stream(bot, monkeypatch)
         assert client.predict("My goldfish died.", [], True, api_name="/respond")[0] == ERROR_REPLY
@@ -266,9 +259,9 @@ def test_embedder_failing_still_screens_for_crisis_and_replies_without_retrieval
     assert bot.respond("My goldfish died this morning.", settings=GREEDY).retrieved
 
 
-def test_prompt_building_failing_gives_an_apology_through_the_api_and_the_app_keeps_serving(bot, app_module,
+def test_prompt_building_failing_gives_an_apology_through_the_api_and_the_app_keeps_serving(bot,
                                                                                           monkeypatch):
-    with serve(app_module.build_demo(bot)) as url:
+    with serve(build_demo(bot)) as url:
         client = Client(url, verbose=False)
 
         def failing(*args, **kwargs):

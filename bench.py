@@ -1,4 +1,4 @@
-"""`python -m chatbot.bench`: one command that times the whole stack on this machine and writes the results.
+"""`python bench.py`: one command that times the whole stack on this machine and writes the results.
 
 Writes assets/results/bench.json and bench.md (medians and p95 after a warm-up): model load (first start with
 the GGUF conversion, and a cached start), time to first token and decode speed for a fixed prompt (greedy,
@@ -32,10 +32,10 @@ from chatbot.data import SPEAKER, Turn, load_examples
 from chatbot.embeddings import embed
 from chatbot.engine import Decoder, OrtBackend, Row, TorchBackend, served_perplexity
 from chatbot.generation import PRESETS, GenerationSettings
-from chatbot.loadtest import AppServer, run_load
 from chatbot.models import packaged_gguf
 from chatbot.retriever import query_text
 from chatbot.runtime import ASSETS_DIR, PROJECT_ROOT
+from loadtest import AppServer, run_load
 
 logger = logging.getLogger(__name__)
 

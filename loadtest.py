@@ -1,10 +1,10 @@
-"""`python -m chatbot.loadtest`: simulated users chatting with the web app at once, through its public API.
+"""`python loadtest.py`: simulated users chatting with the web app at once, through its public API.
 
 Starts `python app.py --port PORT` (or uses `--url` of an app already running), then runs N users for a
 while, each in its own thread with its own gradio_client: multi-turn chats on `/respond` (retrieval toggled
 per turn) and, for a share of requests, `/compare`. It records every request's latency and outcome, the
 app's queue length (Gradio's queue status route) and the app process's memory, and prints a JSON summary.
-`chatbot.bench` reuses `run_load` and `AppServer` for its load figures.
+The benchmark reuses `run_load` and `AppServer` for its load figures.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ import numpy as np
 import psutil
 
 from chatbot.runtime import PROJECT_ROOT
+from chatbot.systems import SYSTEMS
+from chatbot.web.page import QUEUE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,6 @@ FOLLOW_UPS = [
     "My family doesn't really understand.",
     "I guess I just needed to tell someone.",
 ]
-SYSTEMS = ["base", "base+rag", "tuned", "tuned+rag"]
 MAX_TURNS = 3  # user messages per conversation before a user starts a new one
 READY_TIMEOUT_S = 600.0
 
@@ -193,7 +194,7 @@ def simulated_user(url: str, seed: int, deadline: float, compare_share: float, s
         begin = time.perf_counter()
         try:
             if kind == "compare":
-                left, right = rng.sample(SYSTEMS, 2)
+                left, right = rng.sample(list(SYSTEMS), 2)
                 replies = client.predict(message, left, right, api_name="/compare")
                 ok, error = all(isinstance(r, str) and r.strip() for r in replies), "empty reply"
             else:
@@ -295,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="share of requests that go to /compare instead of /respond (0-1)")
     parser.add_argument("--url", default=None, help="load an app that is already running here instead of starting one")
     parser.add_argument("--port", type=int, default=None, help="port for the app this command starts (default: a free one)")
-    parser.add_argument("--queue-limit", type=int, default=32, help="largest acceptable queue length (app.py's QUEUE_SIZE)")
+    parser.add_argument("--queue-limit", type=int, default=QUEUE_SIZE, help="largest acceptable queue length")
     parser.add_argument("--max-rss-growth", type=float, default=0.10,
                         help="largest acceptable RSS growth from minute 1 to the last minute (runs of 2+ minutes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the simulated users' choices")
