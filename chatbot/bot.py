@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -51,7 +51,10 @@ from chatbot.prompts import (
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir, engine_choice
 from chatbot.safety import CONCERN_CHECK_IN, CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
-from chatbot.systems import get_system
+from chatbot.systems import System, get_system
+
+if TYPE_CHECKING:
+    from chatbot.selector import ResponseSelector
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,17 @@ def normalise_message(message: str) -> tuple[str, bool]:
     return cut_message(clean_message(message))
 
 
+@dataclass
+class Prepared:
+    """A reply after everything before the model: the prompt (None: the reply is already final) and its system."""
+
+    reply: Reply
+    prompt: Prompt | None = None
+    system: System = field(default_factory=lambda: get_system("tuned+rag"))
+    context: str = ""  # the dialogue so far as the selector reads it
+    conversation: list[str] = field(default_factory=list)  # every turn's text, for the echo check
+
+
 def unfit(text: str, conversation: Sequence[str]) -> str | None:
     """Why a candidate reply must not be shown (output screen, echo of the conversation, length), or None."""
     reason = screen_reply(text)
@@ -176,9 +190,11 @@ class EmpatheticChatbot:
         notes: Sequence[str] = (),
         embedder: SentenceTransformer | None = None,
         onnx: OnnxModel | None = None,
+        selector: ResponseSelector | None = None,
     ):
         """Wire already loaded parts together; `from_pretrained` loads them by name."""
         self.chat = chat
+        self.selector = selector  # ranks candidates for the selecting systems; None: the first fit one is shown
         self.onnx = onnx  # the served engine's export; None: every reply is decoded by transformers
         self._stop_ids = stop_token_ids(chat.model, chat.tokenizer)
         self.retriever = retriever
@@ -286,17 +302,23 @@ class EmpatheticChatbot:
         return final
 
     def _stream_prepared(
-        self, prepared: Sequence[tuple[Reply, Prompt | None, bool]], settings: GenerationSettings
+        self, prepared: Sequence[Prepared], settings: GenerationSettings
     ) -> Iterator[list[Reply]]:
-        """Decode every prepared reply that needs the model together; yield them all as they grow, then final."""
-        replies = [reply for reply, _, _ in prepared]
-        rows = [i for i, (_, prompt, _) in enumerate(prepared) if prompt is not None]
+        """Decode every prepared reply that needs the model together; yield them all as they grow, then final.
+
+        While a selecting system's candidates grow, the first one is shown; the selector picks when all are done.
+        """
+        replies = [p.reply for p in prepared]
+        rows = [i for i, p in enumerate(prepared) if p.prompt is not None]
         texts: dict[int, list[str]] = {i: [""] for i in rows}
         engine = self.engine_for(settings)
         try:
             if rows:
-                prompts, adapters = [prepared[i][1].text for i in rows], [prepared[i][2] for i in rows]
-                for partials in self._generate(prompts, settings, adapters):
+                prompts = [prepared[i].prompt.text for i in rows]
+                adapters = [prepared[i].system.adapter for i in rows]
+                counts = [max(settings.candidates, SELECT_CANDIDATES) if prepared[i].system.select
+                          else settings.candidates for i in rows]
+                for partials in self._generate(prompts, settings, adapters, counts):
                     texts.update(zip(rows, partials))
                     # Snapshots: consumers may keep every partial; the first candidate is the one shown.
                     yield [replace(r, text=texts[i][0], engine=engine) if i in texts else r
@@ -310,7 +332,10 @@ class EmpatheticChatbot:
                 replies[i].engine = engine
                 replies[i].candidates = [Candidate(text) for text in texts[i]]
                 replies[i].chosen = 0
-                self._finish(replies[i], texts[i][0])
+                chosen = texts[i][0]
+                if prepared[i].system.select:
+                    chosen = self._select(replies[i], prepared[i].context, prepared[i].conversation)
+                self._finish(replies[i], chosen)
         for reply in replies:
             reply.done = True
         yield replies
@@ -347,30 +372,30 @@ class EmpatheticChatbot:
 
     def _prepare(
         self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | None
-    ) -> tuple[Reply, Prompt | None, bool]:
-        """Everything before the model: (reply so far, prompt or None when the reply is already final, use_adapter)."""
-        chosen = get_system(system or ("tuned+rag" if use_retrieval else "tuned"))
-        use_adapter, use_retrieval, system = chosen.adapter, chosen.retrieval, chosen.name
+    ) -> Prepared:
+        """Everything before the model: the reply so far and, unless it is already final, its prompt."""
+        chosen = get_system(system or self.default_system(use_retrieval))
         turns = [t if isinstance(t, Turn) else None for t in history]
         turns = list(history) if all(turns) else history_from_messages(history)
         whole = clean_message(message)
         text, truncated = cut_message(whole)
-        reply = Reply(text="", system=system, truncated_input=truncated)
+        reply = Reply(text="", system=chosen.name, truncated_input=truncated)
         if truncated:
             reply.notes.append(f"Your message was shortened to its first {MAX_MESSAGE_CHARS} characters.")
         if not text:
             reply.kind, reply.text = "empty", EMPTY_MESSAGE_REPLY
-            return reply, None, use_adapter
+            return Prepared(reply, system=chosen)
         try:
-            prompt = self._screen_and_build(reply, text, turns, use_retrieval, whole)
+            prompt = self._screen_and_build(reply, text, turns, chosen.retrieval, whole)
         except Exception:  # the user gets an apology; the server keeps serving
             logger.exception("Preparing a reply failed")
             reply.kind, reply.text = "error", ERROR_REPLY
-            return reply, None, use_adapter
+            return Prepared(reply, system=chosen)
         if prompt is not None:
             reply.prompt_tokens = prompt.token_count
             reply.done = False
-        return reply, prompt, use_adapter
+        dialogue = [*turns, Turn(SPEAKER, text)]
+        return Prepared(reply, prompt, chosen, query_text(dialogue), [t.text for t in dialogue])
 
     def _screen_and_build(
         self, reply: Reply, text: str, turns: list[Turn], use_retrieval: bool, whole: str | None = None
@@ -435,20 +460,27 @@ class EmpatheticChatbot:
         for (reply,) in self._stream_prepared(prepared, settings or PRESETS[DEFAULT_PRESET]):
             yield reply
 
+    def default_system(self, use_retrieval: bool) -> str:
+        """The system a message gets when none is named: with retrieval, the selecting one where a selector loaded."""
+        if not use_retrieval:
+            return "tuned"
+        return "tuned+rag+select" if self.selector is not None else "tuned+rag"
+
     def engine_for(self, settings: GenerationSettings) -> str:
         """The engine that decodes replies with these settings."""
         return OrtBackend.name if self.onnx and decoder_supports(self.chat, settings) else TorchBackend.name
 
     def _generate(
-        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
+        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool],
+        counts: Sequence[int],
     ) -> Iterator[list[list[str]]]:
-        """Yield every prompt's cleaned candidates so far as they grow (one decode for all where the engine can)."""
+        """Yield every prompt's `counts[i]` cleaned candidates so far as they grow (one decode where it can)."""
         if self.engine_for(settings) == OrtBackend.name:
-            yield from self._decode(prompt_texts, settings, use_adapter)
+            yield from self._decode(prompt_texts, settings, use_adapter, counts)
             return
         with self._torch_lock:
             if decoder_supports(self.chat, settings):
-                yield from self._decode(prompt_texts, settings, use_adapter)
+                yield from self._decode(prompt_texts, settings, use_adapter, counts)
                 return
             # One after another: `generate` decodes one prompt (and one adapter state) at a time.
             texts = [[""] for _ in prompt_texts]
@@ -458,12 +490,14 @@ class EmpatheticChatbot:
                     yield [list(t) for t in texts]
 
     def _decode(
-        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool]
+        self, prompt_texts: Sequence[str], settings: GenerationSettings, use_adapter: Sequence[bool],
+        counts: Sequence[int],
     ) -> Iterator[list[list[str]]]:
         """Decode every prompt's candidates in one `Decoder` run on the served engine."""
         tokenizer = self.chat.tokenizer
         prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompt_texts]
-        rows = [row for prompt, on in zip(prompts, use_adapter) for row in candidate_rows(prompt, on, settings)]
+        rows = [row for prompt, on, n in zip(prompts, use_adapter, counts)
+                for row in candidate_rows(prompt, on, settings.updated(candidates=n))]
         if self.engine_for(settings) == OrtBackend.name:
             backend = OrtBackend(self.onnx, rows, settings.max_new_tokens)
         else:
@@ -471,11 +505,11 @@ class EmpatheticChatbot:
         decoder = Decoder(backend, rows, settings, self._stop_ids, tokenizer.pad_token_id)
         replies = [ReplyText(settings.max_sentences) for _ in rows]
         generated: list[list[int]] = [[] for _ in rows]
-        n = settings.candidates
+        starts = [sum(counts[:i]) for i in range(len(counts))]
 
         def grouped() -> list[list[str]]:
             shown = [reply.shown or "" for reply in replies]
-            return [shown[i:i + n] for i in range(0, len(shown), n)]
+            return [shown[start:start + n] for start, n in zip(starts, counts)]
 
         try:
             for step in decoder:

@@ -1,4 +1,4 @@
-"""The named systems (base, base+rag, tuned, tuned+rag): what answers a message, defined once for every entry point."""
+"""The named systems (base, base+rag, tuned, tuned+rag, tuned+rag+select): what answers a message, defined once for every entry point."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class System:
     name: str
     adapter: bool
     retrieval: bool
-    select: bool = False  # pick the best of several candidate replies (no shipped system does yet)
+    select: bool = False  # show the selector's best of several generated and retrieved candidate replies
 
 
 SYSTEMS: dict[str, System] = {s.name: s for s in (
@@ -20,6 +20,7 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("base+rag", adapter=False, retrieval=True),
     System("tuned", adapter=True, retrieval=False),
     System("tuned+rag", adapter=True, retrieval=True),
+    System("tuned+rag+select", adapter=True, retrieval=True, select=True),
 )}
 
 

@@ -131,7 +131,7 @@ def test_bot_fast_path_gives_the_generate_path_text(tiny_chat):
     bot = EmpatheticChatbot(tiny_chat)
     prompt = bot.prompt_for("I lost my keys today.", [], [], None).text
     for settings in (GREEDY, PRESETS["chat"].updated(max_new_tokens=16)):
-        *_, fast = bot._decode([prompt], settings, [True])
+        *_, fast = bot._decode([prompt], settings, [True], [1])
         *_, slow = bot._generate_one(prompt, settings, True)
         assert fast[0] == [slow]
 

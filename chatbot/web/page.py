@@ -110,6 +110,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None, pr
                     emotion = gr.Label(label="Detected emotion (latest message)" if bot.emotion is not None
                                        else "Detected emotion (off: no emotion classifier loaded)", elem_id="emotion")
                     notes = gr.Markdown(elem_classes="ed-notes", elem_id="notes")
+                    why = gr.HTML(render.why_html(None), elem_id="why", js_on_load=None)
                     retrieved = gr.HTML(render.retrieved_html(None, True, bot, index_build), elem_id="retrieved",
                                         js_on_load=None)
             history = gr.State([])
@@ -156,24 +157,26 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None, pr
             if not text:  # the facade answers an empty message without a model call
                 yield {notes: render.notes_markdown(bot.respond(message or "", past, retrieval, settings))}
                 return
-            shown = [*(render.display_message(m["role"], m["content"], m.get("crisis", False)) for m in past),
+            shown = [*(render.display_message(m["role"], m["content"], m.get("title")) for m in past),
                      render.display_message("user", text)]
-            yield {textbox: "", chat: shown, history: past, notes: "", banner: render.crisis_banner(None)}
+            yield {textbox: "", chat: shown, history: past, notes: "", banner: render.crisis_banner(None),
+                   why: render.why_html(None)}
             with closing(bot.stream(message, past, use_retrieval=retrieval, settings=settings)) as replies:
                 for n, reply in enumerate(replies):
+                    title = render.reply_title(reply)
                     turn = [{"role": "user", "content": text},
-                            {"role": "assistant", "content": reply.text, "crisis": reply.crisis}]
-                    update = {chat: [*shown, render.display_message("assistant", reply.text, reply.crisis)],
+                            {"role": "assistant", "content": reply.text, "title": title}]
+                    update = {chat: [*shown, render.display_message("assistant", reply.text, title)],
                               history: past + turn}
                     if n == 0 or reply.done:
                         update |= {emotion: render.emotion_value(reply), notes: render.notes_markdown(reply),
                                    retrieved: render.retrieved_html(reply, retrieval, bot, index_build),
-                                   banner: render.crisis_banner(reply)}
+                                   banner: render.crisis_banner(reply), why: render.why_html(reply)}
                     yield update
 
         def clear_chat() -> dict:
             return {chat: [], history: [], emotion: None, retrieved: render.retrieved_html(None, True, bot, index_build),
-                    notes: "", banner: render.crisis_banner(None), textbox: ""}
+                    notes: "", banner: render.crisis_banner(None), textbox: "", why: render.why_html(None)}
 
         def apply_preset(preset: str) -> dict:
             chosen = PRESETS.get(preset, default)
@@ -209,7 +212,7 @@ def build_demo(bot: EmpatheticChatbot, index_build: IndexBuild | None = None, pr
         # ------------------------------------------------------------------ events (private: the API is above)
         controls = {"preset": preset_box, **sliders}
         chat_in = {"message": textbox, "history_value": history, "retrieval": use_retrieval, **controls}
-        chat_out = [textbox, chat, history, emotion, retrieved, notes, banner]
+        chat_out = [textbox, chat, history, emotion, retrieved, notes, banner, why]
         chatted = [event(run_chat, inputs_kwargs=chat_in, outputs=chat_out, show_progress="minimal", **private)
                    for event in (textbox.submit, send.click)]
         stop.click(None, cancels=chatted, **private)
