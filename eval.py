@@ -54,6 +54,7 @@ from chatbot.systems import SYSTEMS, System
 logger = logging.getLogger("eval")
 EVAL_EXTRAS = ("sacrebleu", "rouge_score")  # requirements-eval.txt: reply metrics only (not --perplexity-only)
 RAG_SUFFIX = "+rag"
+SELECT_SUFFIX = "+select"  # only after +rag: selection weighs the retrieved listener replies too
 CANDIDATES = 100  # P@1,100: the gold reply among 99 other test replies (Rashkin et al., 2019)
 CANDIDATE_POOL = 1000  # test replies the distractors are drawn from
 DEFAULT_BATCH_SIZE = 8  # replies decoded together: on 2 cores a batch of 8 costs far less than 8 single replies
@@ -107,8 +108,9 @@ class SystemSpec:
     @property
     def slug(self) -> str:
         """A file-name-safe cache folder name; named after the adapter, so runs with other adapters reuse it."""
-        name = f"tuned-{self.adapter.name}" if self.adapter else self.system.name.removesuffix(RAG_SUFFIX)
-        rag = RAG_SUFFIX if self.system.retrieval else ""
+        name = self.system.name.removesuffix(SELECT_SUFFIX).removesuffix(RAG_SUFFIX)
+        name = f"tuned-{self.adapter.name}" if self.adapter else name
+        rag = (RAG_SUFFIX if self.system.retrieval else "") + (SELECT_SUFFIX if self.system.select else "")
         return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) + rag
 
 
@@ -148,6 +150,8 @@ def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: st
     """System specs for names like base, tuned+rag or gpt2; tuned systems expand to one per adapter."""
     specs = []
     for name in names:
+        select = name.endswith(RAG_SUFFIX + SELECT_SUFFIX)
+        name = name.removesuffix(SELECT_SUFFIX)
         model, rag = (name[: -len(RAG_SUFFIX)], True) if name.endswith(RAG_SUFFIX) else (name, False)
         if model == "tuned":
             if not adapters:
@@ -155,7 +159,8 @@ def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: st
                                      "(train one with train.py)")
             for adapter in adapters:
                 label = "tuned" if len(adapters) == 1 else f"tuned[{adapter.name}]"
-                system = System(label + (RAG_SUFFIX if rag else ""), adapter=True, retrieval=rag)
+                system = System(label + (RAG_SUFFIX if rag else "") + (SELECT_SUFFIX if select else ""),
+                                adapter=True, retrieval=rag, select=select)
                 specs.append(SystemSpec(system, read_adapter_meta(adapter)["base_model"], adapter))
         else:
             system = System(name, adapter=False, retrieval=rag)
@@ -168,7 +173,7 @@ def protocol_key(spec: SystemSpec, args: EvalArguments, settings: GenerationSett
     adapter = ""
     if spec.adapter:
         adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
-    key = [spec.base_model, adapter, spec.system.retrieval, args.limit, args.seed, args.k,
+    key = [spec.base_model, adapter, spec.system.retrieval, spec.system.select, args.limit, args.seed, args.k,
            settings.to_dict(), PROMPT_FORMAT_VERSION]
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -215,14 +220,14 @@ class SystemCache:
 def batched_replies(
     bot: EmpatheticChatbot,
     dialogues: Sequence[tuple[str, Sequence[Turn]]],
-    use_retrieval: bool,
+    system: System,
     settings: GenerationSettings,
     batch_size: int,
 ) -> Iterator[tuple[Reply, float]]:
     """Each (message, history)'s reply, decoded `batch_size` at a time, with its batch's wall time per reply."""
     for start in range(0, len(dialogues), batch_size):
         started = time.perf_counter()
-        replies = bot.respond_batch(dialogues[start:start + batch_size], use_retrieval=use_retrieval, settings=settings)
+        replies = bot.respond_batch(dialogues[start:start + batch_size], settings=settings, system=system)
         seconds = (time.perf_counter() - started) / len(replies)  # throughput, not the latency one user sees
         yield from ((reply, seconds) for reply in replies)
 
@@ -253,10 +258,11 @@ def score_system(
     done = cache.replies()
     pending = [i for i in range(len(examples)) if i not in done]
     dialogues = [(examples[i].history[-1].text, examples[i].history[:-1]) for i in pending]
-    replies = batched_replies(bot, dialogues, spec.system.retrieval, settings, batch_size)
+    replies = batched_replies(bot, dialogues, spec.system, settings, batch_size)
     for i, (reply, seconds) in zip(pending, tqdm(replies, total=len(examples), initial=len(examples) - len(pending),
                                                  desc=f"replies {spec.system.name}")):
-        done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds}
+        done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds,
+                   "source": "retrieved" if reply.from_dataset else "generated"}
         cache.add_reply(done[i])
     rows = [done[i] for i in range(len(examples))]
     replies, golds = [r["reply"] for r in rows], [ex.reply for ex in examples]
@@ -277,6 +283,7 @@ def score_system(
         "echo_pct": share * sum(metrics.is_echo(r, [t.text for t in ex.history]) for r, ex in zip(replies, examples)),
         "empty_pct": share * sum(not r.strip() for r in replies),
         "replaced_pct": share * (len(rows) - len(model_rows)),
+        "retrieved_reply_pct": share * sum(r.get("source") == "retrieved" for r in rows),
         "seconds_per_reply": float(np.median([r["seconds"] for r in rows])) if rows else 0.0,
         "replies": len(rows),
     }
@@ -331,7 +338,7 @@ def sample_replies(
     replies: dict[str, list[str]] = {}
     for label, (spec, bot) in tqdm(bots.items(), desc="samples"):
         replies[label] = [reply.text for reply, _ in
-                          batched_replies(bot, dialogues, spec.system.retrieval, settings, batch_size)]
+                          batched_replies(bot, dialogues, spec.system, settings, batch_size)]
     return [{"dialogue": turns, "replies": {label: texts[n] for label, texts in replies.items()}}
             for n, turns in enumerate(SAMPLE_PROMPTS[:count])]
 

@@ -294,7 +294,7 @@ class EmpatheticChatbot:
         dialogues: Sequence[tuple[str, Sequence[Turn | dict]]],
         use_retrieval: bool = True,
         settings: GenerationSettings | None = None,
-        system: str | None = None,
+        system: str | System | None = None,
     ) -> list[Reply]:
         """Complete replies to several independent (message, history) pairs, decoded as one batch (evaluation)."""
         prepared = [self._prepare(message, history, use_retrieval, system) for message, history in dialogues]
@@ -371,10 +371,10 @@ class EmpatheticChatbot:
         return final
 
     def _prepare(
-        self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | None
+        self, message: str, history: Sequence[Turn | dict], use_retrieval: bool, system: str | System | None
     ) -> Prepared:
         """Everything before the model: the reply so far and, unless it is already final, its prompt."""
-        chosen = get_system(system or self.default_system(use_retrieval))
+        chosen = system if isinstance(system, System) else get_system(system or self.default_system(use_retrieval))
         turns = [t if isinstance(t, Turn) else None for t in history]
         turns = list(history) if all(turns) else history_from_messages(history)
         whole = clean_message(message)
