@@ -88,8 +88,8 @@ def test_settings_presets_and_validation():
         preset("fast")
     tuned_rag = get_system("tuned+rag")
     assert (tuned_rag.adapter, tuned_rag.retrieval, tuned_rag.select) == (True, True, False)
-    assert [(s.adapter, s.retrieval) for s in SYSTEMS.values()] == [(False, False), (False, True), (True, False),
-                                                                    (True, True)]
+    assert [(s.adapter, s.retrieval, s.select) for s in SYSTEMS.values()] == [
+        (False, False, False), (False, True, False), (True, False, False), (True, True, False), (True, True, True)]
     with pytest.raises(ValueError, match="Unknown system 'gpt5'; choose one of: base, base"):
         get_system("gpt5")
 

@@ -353,7 +353,7 @@ def test_concern_tier_lets_the_model_reply_and_adds_the_check_in(tiny_chat, fake
 
 def test_concern_reply_keeps_the_check_in_when_the_output_screen_replaces_it(tiny_chat, fake_screen, monkeypatch):
     bot = bot_with(tiny_chat, fake_screen)
-    monkeypatch.setattr(bot, "_generate", lambda *a, **k: iter([["Nobody would miss you."]]))
+    monkeypatch.setattr(bot, "_generate", lambda *a, **k: iter([[["Nobody would miss you."]]]))
     reply = bot.respond("an amber message", settings=GREEDY)
     assert reply.kind == "concern" and reply.text == f"{SAFE_FALLBACK_REPLY}\n\n{CONCERN_CHECK_IN}"
 
