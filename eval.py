@@ -49,6 +49,7 @@ from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example
 from chatbot.retriever import QUERY_TURNS, IndexLoadError, Retriever, query_text
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, default_index_dir, set_seed
 from chatbot.scoring import perplexity
+from chatbot.selector import ResponseSelector, candidate_sets, load_response_selector, precision_at_1
 from chatbot.systems import SYSTEMS, System
 
 logger = logging.getLogger("eval")
@@ -303,30 +304,32 @@ def emotion_accuracy(bot: EmpatheticChatbot, test_conversations: Sequence[Conver
 
 
 def retrieval_quality(
-    retriever: Retriever, embedder, examples: Sequence[Example], query_vectors: np.ndarray, gold_vectors: np.ndarray,
+    retriever: Retriever, embedder, examples: Sequence[Example], query_vectors: np.ndarray,
     test_examples: Sequence[Example], seed: int,
 ) -> dict:
-    """Emotion agreement of retrieved dialogues, and P@1,100: the gold reply ranked among test-split distractors."""
+    """Emotion agreement of retrieved dialogues, and P@1,N of the untuned MiniLM and of the shipped selector."""
     hits = retriever.search_vectors(query_vectors, 5)
     gold = [ex.emotion for ex in examples]
     labels = [[h.emotion for h in row] for row in hits]
-    pool = sample(list(test_examples), CANDIDATE_POOL, seed + 1)
-    pool_vectors = embed(embedder, [ex.reply for ex in pool])
-    rng = np.random.default_rng(seed)
-    candidates = min(CANDIDATES, len(pool) + 1)
-    scores = []
-    for ex, query, gold_vector in zip(examples, query_vectors, gold_vectors):
-        others = [i for i, other in enumerate(pool) if other.conv_id != ex.conv_id]
-        chosen = rng.choice(others, size=min(candidates - 1, len(others)), replace=False)
-        scores.append(np.concatenate([[query @ gold_vector], pool_vectors[chosen] @ query]))
-    width = min((len(s) for s in scores), default=0)
-    return {
+    sets = candidate_sets(examples, sample(list(test_examples), CANDIDATE_POOL, seed + 1), CANDIDATES, seed)
+    replies = list(dict.fromkeys(c for row in sets for c in row))
+    reply_vectors, position = embed(embedder, replies), {text: i for i, text in enumerate(replies)}
+    candidate_vectors = [reply_vectors[[position[c] for c in row]] for row in sets]
+    scorers = {"": ResponseSelector(embedder, *(np.eye(query_vectors.shape[1]),) * 2)}
+    selector = load_response_selector(embedder)
+    if selector is not None:
+        scorers["selector_"] = selector
+    result = {
         "queries": len(examples),
         "top1_emotion_agreement": metrics.label_agreement(gold, labels, 1),
         "top5_emotion_agreement": metrics.label_agreement(gold, labels, 5),
-        "p_at_1": metrics.precision_at_1(np.array([s[:width] for s in scores])),
-        "candidates": width,
+        "candidates": min((len(row) for row in sets), default=0),
     }
+    for prefix, scorer in scorers.items():
+        scores = scorer.score_vectors(query_vectors, candidate_vectors)
+        result[f"{prefix}p_at_1"] = precision_at_1(scores)
+        result[f"{prefix}p_at_1_10"] = precision_at_1(scores, 10)
+    return result
 
 
 def sample_replies(
@@ -397,6 +400,10 @@ def results_markdown(results: dict) -> str:
             ["retrieved top-5 emotion agreement", retrieval.get("top5_emotion_agreement"), "–"],
             [f"P@1,{retrieval.get('candidates', CANDIDATES)} (MiniLM bi-encoder)", retrieval.get("p_at_1"),
              "Rashkin et al. BERT 65.92"],
+            ["P@1,10 (MiniLM bi-encoder)", retrieval.get("p_at_1_10"), "–"],
+            [f"P@1,{retrieval.get('candidates', CANDIDATES)} (response selector)", retrieval.get("selector_p_at_1"),
+             "Rashkin et al. BERT 65.92"],
+            ["P@1,10 (response selector)", retrieval.get("selector_p_at_1_10"), "–"],
         ]),
         proto["retrieval"],
     ]
@@ -531,9 +538,11 @@ def main(argv: list[str] | None = None) -> int:
                        "conversation's gold label (32 classes).",
             "retrieval": f"Retrieval over the train index for the sampled test histories (last {QUERY_TURNS} turns): share of "
                          "the top-1 / top-5 retrieved dialogues whose emotion label equals the gold one. P@1,N: "
-                         "MiniLM cosine between the history and each candidate reply; candidates = the gold reply "
+                         "MiniLM cosine between the history and each candidate reply (response selector: its score, "
+                         "assets/selector); candidates = the gold reply "
                          f"and N-1 replies drawn (seeded) from {CANDIDATE_POOL} other test-split replies of other "
-                         "conversations; a hit when the gold scores strictly highest.",
+                         "conversations; a hit when the gold scores strictly highest; P@1,10: the gold and the "
+                         "first 9 of those.",
             "embedder": EMBEDDER_NAME,
             "prompt_format": PROMPT_FORMAT_VERSION,
             "adapters": {str(a): read_adapter_meta(a).get("metrics", {}).get("protocol") for a in adapters},
@@ -542,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
         "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
         "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, conversations),
-        "retrieval": retrieval_quality(retriever, embedder, examples, query_vectors, gold_vectors, test_examples, args.seed)
+        "retrieval": retrieval_quality(retriever, embedder, examples, query_vectors, test_examples, args.seed)
         if retriever and not args.perplexity_only else {},
         "anchors": ANCHORS,
     }

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import torch
 from sentence_transformers import SentenceTransformer
@@ -18,7 +18,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from chatbot.data import SPEAKER, Turn
 from chatbot.embeddings import embed, load_embedder
-from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector
+from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector, speaker_text
 from chatbot.engine import (
     Decoder,
     ExportError,
@@ -51,10 +51,8 @@ from chatbot.prompts import (
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
 from chatbot.runtime import default_index_dir, engine_choice
 from chatbot.safety import CONCERN_CHECK_IN, CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
+from chatbot.selector import ResponseSelector, load_response_selector
 from chatbot.systems import System, get_system
-
-if TYPE_CHECKING:
-    from chatbot.selector import ResponseSelector
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +253,11 @@ class EmpatheticChatbot:
             except ExportError as err:
                 notes.append(f"Replies come from transformers (slower): {err}")
                 logger.warning(notes[-1])
-        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder, onnx=onnx)
+        selector = load_response_selector(embedder)
+        if selector is None:
+            notes.append("Reply selection is off: assets/selector is missing or unfit (python train_selector.py).")
+        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder, onnx=onnx,
+                   selector=selector)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""
@@ -273,6 +275,8 @@ class EmpatheticChatbot:
             if self.emotion else None,
             "k": self.k,
             "engine": f"onnxruntime-genai ({self.onnx.manifest['precision']})" if self.onnx else "transformers",
+            "selector": f"{self.selector.manifest.get('kind', '?')} on {self.selector.manifest.get('embedder', '?')}"
+            if self.selector else None,
             "notes": list(self.notes),
         }
 
@@ -343,13 +347,16 @@ class EmpatheticChatbot:
     def analyse(
         self, message: str, history: Sequence[Turn] = (), use_retrieval: bool = True
     ) -> tuple[EmotionPrediction | None, list[RetrievedDialogue]]:
-        """Emotion and (optionally) the k most similar past dialogues, from one embedding of the last turns."""
+        """Emotion (from the user's own turns) and, optionally, the k past dialogues most like the last turns."""
         if self.embedder is None or (self.emotion is None and (self.retriever is None or not use_retrieval)):
             return None, []
-        text = query_text([*history, Turn(SPEAKER, message)])
-        vector = embed(self.embedder, [text])
-        emotion = self.emotion.predict_batch([text], vector)[0] if self.emotion else None
-        retrieved = self.retriever.search_vectors(vector, self.k)[0] if self.retriever and use_retrieval else []
+        dialogue = [*history, Turn(SPEAKER, message)]
+        query, own = query_text(dialogue), speaker_text(dialogue)
+        # One embedding call for both texts (one text when they are the same, as in a first message).
+        texts = list(dict.fromkeys([query, own]))
+        vectors = embed(self.embedder, texts)
+        emotion = self.emotion.predict_batch([own], vectors[[texts.index(own)]])[0] if self.emotion else None
+        retrieved = self.retriever.search_vectors(vectors[:1], self.k)[0] if self.retriever and use_retrieval else []
         return emotion, retrieved
 
     def prompt_for(

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from chatbot.runtime import get_device, package_dir
+from chatbot.runtime import cache_dir, get_device, package_dir
 
 logger = logging.getLogger(__name__)
 
@@ -59,3 +62,34 @@ def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, pr
         show_progress_bar=progress,
     )
     return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def embed_cached(model: SentenceTransformer, texts: list[str], name: str) -> np.ndarray:
+    """`embed` with a cache (training scripts re-run), keyed by the texts and the embedder's precision."""
+    key = hashlib.sha256("\n".join([EMBEDDER_NAME, embedder_precision(model), *texts]).encode()).hexdigest()[:16]
+    path = cache_dir() / "embeddings" / f"{name}-{key}.npy"
+    if path.exists():
+        return np.load(path)
+    vectors = embed(model, texts, batch_size=128, progress=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, vectors)
+    return vectors
+
+
+HEAD_MANIFEST = "manifest.json"
+
+
+def save_head(out_dir: Path, weights_file: str, arrays: dict[str, np.ndarray], manifest: dict) -> Path:
+    """Write a small model that works on the embedder's vectors: its arrays (npz, no pickle) and manifest.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out_dir / weights_file, **arrays)
+    (out_dir / HEAD_MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+    return out_dir
+
+
+def read_head(path: Path, weights_file: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The manifest and arrays `save_head` wrote (OSError, ValueError or KeyError when missing or corrupt)."""
+    manifest = json.loads((Path(path) / HEAD_MANIFEST).read_text(encoding="utf-8"))
+    with np.load(Path(path) / weights_file) as weights:
+        return manifest, {name: weights[name] for name in weights.files}

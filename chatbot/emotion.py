@@ -7,10 +7,7 @@ Two linear classifiers, averaged: one on the MiniLM embedding (meaning), one on 
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -21,13 +18,14 @@ from scipy import sparse
 from sentence_transformers import SentenceTransformer
 from sklearn.feature_extraction.text import HashingVectorizer
 
-from chatbot.embeddings import EMBEDDER_NAME, embed, load_embedder
+from chatbot.data import SPEAKER, Turn
+from chatbot.embeddings import EMBEDDER_NAME, embed, read_head, save_head
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
 EMOTION_DIR = ASSETS_DIR / "emotion"
-WEIGHTS_FILE, MANIFEST_FILE = "classifier.npz", "manifest.json"
+WEIGHTS_FILE = "classifier.npz"
 HASH_FEATURES = 2**15  # word uni+bigrams hashed into 32k columns: ~2 MB of float16 weights, few collisions
 NGRAMS = (1, 2)
 
@@ -42,6 +40,11 @@ class EmotionPrediction:
     def to_dict(self) -> dict:
         """Plain dict, for JSON."""
         return asdict(self)
+
+
+def speaker_text(turns: Sequence[Turn]) -> str:
+    """What emotion is read from: the user's (speaker's) own turns, so the bot's replies never sway it."""
+    return "\n".join(turn.text for turn in turns if turn.role == SPEAKER)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -114,26 +117,24 @@ class EmotionDetector:
         """The top emotion for one text."""
         return self.predict_many([text])[0]
 
+    def predict_dialogue(self, turns: Sequence[Turn]) -> EmotionPrediction:
+        """The user's emotion in a dialogue, read from the user's own turns only."""
+        return self.predict(speaker_text(turns))
+
     def save(self, out_dir: Path, extra: dict | None = None) -> Path:
         """Write weights (float16 for the large lexical matrix) and a manifest (embedder, labels, metrics)."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         arrays = {"dense_coef": self.dense_coef, "dense_bias": self.dense_bias}
         if self.lexical is not None:
             coef, bias, features = self.lexical
             arrays.update(lexical_coef=coef.astype(np.float16), lexical_bias=bias, idf=features.idf)
-        np.savez_compressed(out_dir / WEIGHTS_FILE, **arrays)
         manifest = {**self.manifest, **(extra or {}), "weight": self.weight, "labels": self.labels}
-        (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
-        return out_dir
+        return save_head(out_dir, WEIGHTS_FILE, arrays, manifest)
 
     @classmethod
     def load(cls, path: Path, embedder: SentenceTransformer, embedder_name: str = EMBEDDER_NAME) -> EmotionDetector:
         """Load saved weights, refusing ones trained on another embedder."""
-        path = Path(path)
         try:
-            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
-            w = np.load(path / WEIGHTS_FILE)
+            manifest, w = read_head(path, WEIGHTS_FILE)
             lexical = (w["lexical_coef"], w["lexical_bias"], w["idf"]) if "lexical_coef" in w else None
             dense = (w["dense_coef"], w["dense_bias"])
         except (OSError, ValueError, KeyError) as err:
@@ -157,12 +158,15 @@ def train_detector(
     lexical_texts: Sequence[str],
     lexical_labels: Sequence[str],
     weight: float = 0.5,
+    dense_c: float = 1.0,
+    lexical_c: float = 2.0,
     seed: int = DEFAULT_SEED,
 ) -> EmotionDetector:
-    """Fit the semantic classifier on embeddings and the lexical one on texts (same label set)."""
-    labels, dense_coef, dense_bias = _fit_linear(dense_vectors, dense_labels, 1.0, seed)
+    """Fit the semantic classifier on embeddings and the lexical one on texts (same label set; C = 1 / L2 strength)."""
+    labels, dense_coef, dense_bias = _fit_linear(dense_vectors, dense_labels, dense_c, seed)
     features = LexicalFeatures.fit(lexical_texts)
-    lexical_classes, lex_coef, lex_bias = _fit_linear(features.transform(lexical_texts), lexical_labels, 2.0, seed)
+    lexical_classes, lex_coef, lex_bias = _fit_linear(features.transform(lexical_texts), lexical_labels, lexical_c,
+                                                      seed)
     if lexical_classes != labels:
         raise ValueError("The semantic and lexical training sets must cover the same emotion labels")
     manifest = {"embedder": EMBEDDER_NAME, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -182,64 +186,5 @@ def load_emotion_detector(embedder: SentenceTransformer, path: Path = EMOTION_DI
     try:
         return EmotionDetector.load(path, embedder)
     except ValueError as err:
-        logger.warning("Emotion detection off: %s (train it: python -m chatbot.emotion)", err)
+        logger.warning("Emotion detection off: %s (train it: python train_emotion.py)", err)
         return None
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m chatbot.emotion`: train the emotion classifier, pick the mix on valid, report test accuracy."""
-    from chatbot.data import SPEAKER, DataError, data_checksum, load_conversations
-    from chatbot.retriever import IndexLoadError, Retriever
-    from chatbot.runtime import default_index_dir
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--data-dir", default=None, help="folder with train/valid/test.csv or the release .tar.gz")
-    parser.add_argument("--index-dir", default=None,
-                        help="train index whose stored vectors train the semantic part (default: data/index/)")
-    parser.add_argument("--out", default=str(EMOTION_DIR), help="folder to write classifier.npz and manifest.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    started = time.perf_counter()
-    embedder = load_embedder()
-    try:
-        train = load_conversations(args.data_dir, "train")
-        valid = [c for c in load_conversations(args.data_dir, "valid") if c.emotion]
-        test = [c for c in load_conversations(args.data_dir, "test") if c.emotion]
-        retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder)
-        checksum = data_checksum(args.data_dir, ["train"])
-    except (DataError, IndexLoadError) as err:
-        parser.exit(2, f"error: {err}\n")
-    # The index already holds an embedding of every train listener turn's context: no second embedding pass.
-    vectors = retriever.index.reconstruct_n(0, retriever.index.ntotal)
-    dense_labels = [r["emotion"] for r in retriever.records]
-    lexical_texts = ([c.turns[0].text for c in train] + [c.situation for c in train]
-                     + [" ".join(t.text for t in c.turns if t.role == SPEAKER) for c in train])
-    detector = train_detector(embedder, vectors, dense_labels, lexical_texts, [c.emotion for c in train] * 3)
-
-    def first_turn_accuracy(conversations: list, vectors: np.ndarray) -> float:
-        probs = detector.probabilities([c.turns[0].text for c in conversations], vectors)
-        return float(np.mean([detector.labels[i] == c.emotion for i, c in zip(probs.argmax(axis=1), conversations)]))
-
-    # The mix is chosen on valid only; test is measured once, after.
-    valid_vectors = embed(embedder, [c.turns[0].text for c in valid], batch_size=128)
-    scores = {}
-    for weight in (0.3, 0.4, 0.5, 0.6, 0.7, 1.0):
-        detector.weight = weight
-        scores[weight] = first_turn_accuracy(valid, valid_vectors)
-    detector.weight = max(scores, key=scores.get)
-    acc = first_turn_accuracy(test, embed(embedder, [c.turns[0].text for c in test], batch_size=128))
-    detector.save(Path(args.out), {
-        "valid_accuracy_by_weight": scores,
-        "test_accuracy_first_turn": round(acc, 4),
-        "protocol": "test split, first speaker turn -> gold conversation emotion, 32 labels; mix weight chosen on valid",
-        "test_conversations": len(test),
-        "data_checksum_train": checksum,
-        "train_seconds": round(time.perf_counter() - started, 1),
-    })
-    print(f"emotion accuracy (test, first speaker turn, {len(test)} conversations): {acc:.1%} "
-          f"(semantic weight {detector.weight}, valid {scores[detector.weight]:.1%})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

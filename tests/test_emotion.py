@@ -55,3 +55,28 @@ def test_save_load_round_trip_and_embedder_check(detector, embedder, tmp_path):
         EmotionDetector.load(tmp_path / "emo", embedder, embedder_name="other/model")
     with pytest.raises(ValueError, match="Cannot read"):
         EmotionDetector.load(tmp_path / "missing", embedder)
+
+
+def test_emotion_is_read_from_the_users_own_turns_only(detector):
+    from chatbot.data import LISTENER, SPEAKER, Turn
+    from chatbot.emotion import speaker_text
+
+    turns = [Turn(SPEAKER, "My goldfish died this morning"), Turn(LISTENER, "How exciting! What kind of puppy is it?"),
+             Turn(SPEAKER, "He was part of the family")]
+    assert speaker_text(turns) == "My goldfish died this morning\nHe was part of the family"
+    # A cheerful bot reply in between does not change what the user is detected to feel.
+    assert detector.predict_dialogue(turns) == detector.predict_dialogue([turns[0], turns[2]])
+    assert detector.predict_dialogue(turns).label == "sad"
+
+
+def test_train_emotion_script_end_to_end(synthetic_data, synthetic_index, tmp_path, capsys, monkeypatch):
+    import train_emotion
+
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "emotion"
+    assert train_emotion.main(["--data-dir", str(synthetic_data), "--index-dir", str(synthetic_index),
+                               "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert 0 <= manifest["test_accuracy_first_turn"] <= 1 and manifest["test_conversations"] == 2
+    assert set(manifest["valid_accuracy_by_weight"]) == {"0.3", "0.4", "0.5", "0.6", "0.7", "1.0"}
+    assert manifest["arguments"]["lexical_c"] == 2.0 and "emotion accuracy (test" in capsys.readouterr().out

@@ -44,6 +44,7 @@ def test_three_examples_produce_every_output(tmp_path, tiny_model_dir, tiny_adap
         assert {"bleu4", "rouge_l", "distinct_1", "distinct_2", "echo_pct", "semantic_similarity"} <= set(scores)
     assert 0 <= results["emotion"]["first_turn_accuracy"] <= 100
     assert results["retrieval"]["queries"] == 3 and results["retrieval"]["candidates"] > 1
+    assert {"p_at_1_10", "selector_p_at_1", "selector_p_at_1_10"} <= set(results["retrieval"])  # shipped selector
     markdown = (out / "results.md").read_text()
     assert "Rashkin et al. 2019" in markdown and "MoEL" in markdown
     samples = (out / "samples.md").read_text()
