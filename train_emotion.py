@@ -1,9 +1,9 @@
 """Train the emotion detector (assets/emotion/): pick the mix on valid, report test accuracy once.
 
-`python train_emotion.py` fits a logistic regression on MiniLM embeddings of the speaker's first turns (taken from
-the retrieval index, which already holds them) and one on hashed word n-grams of the speaker's own words (first
-turns, situations, all speaker turns), chooses their mix on the valid split's first turns and measures accuracy
-on the test split's first speaker turns (32 labels).
+`python train_emotion.py` fits a logistic regression on the MiniLM embeddings the retrieval index already holds
+(every train listener turn's context, labelled with its conversation's emotion) and one on hashed word n-grams of
+the speaker's own words (first turns, situations, all speaker turns), chooses their mix on the valid split's first
+turns and measures accuracy on the test split's first speaker turns (32 labels).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatbot.data import DataError, conversation_examples, data_checksum, load_conversations
+from chatbot.data import DataError, data_checksum, load_conversations
 from chatbot.embeddings import embed_cached, load_embedder
 from chatbot.emotion import EMOTION_DIR, speaker_text, train_detector
 from chatbot.retriever import IndexLoadError, Retriever
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None, help="folder with train/valid/test.csv (default: $ED_DATA_DIR, data/)")
     p.add_argument("--index-dir", default=None,
-                   help="train-split retrieval index whose stored first-turn vectors train the semantic part "
+                   help="train-split retrieval index whose stored vectors train the semantic part "
                         "(default: $ED_INDEX_DIR or data/index/)")
     p.add_argument("--out", default=str(EMOTION_DIR), help="folder to write classifier.npz and manifest.json")
     p.add_argument("--dense-c", type=float, default=1.0, help="inverse L2 strength of the semantic classifier")
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     embedder = load_embedder()
     try:
-        train = [c for c in load_conversations(args.data_dir, "train") if c.emotion and len(c.turns) > 1]
+        train = [c for c in load_conversations(args.data_dir, "train") if c.emotion]
         valid = [c for c in load_conversations(args.data_dir, "valid") if c.emotion]
         test = [c for c in load_conversations(args.data_dir, "test") if c.emotion]
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder)
@@ -55,16 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, IndexLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # A conversation's first listener example is keyed by the speaker's first turn alone: its vector is that turn's.
-    stored = retriever.stored_vectors([conversation_examples(c)[0] for c in train])
-    if any(v is None for v in stored):
-        print(f"error: the index {retriever.index_dir} lacks train first turns; rebuild it: python build_index.py",
-              file=sys.stderr)
-        return 2
+    # The index already holds an embedding of every train listener turn's context: no second embedding pass.
+    vectors = retriever.index.reconstruct_n(0, retriever.index.ntotal)
+    dense_labels = [r["emotion"] for r in retriever.records]
     labels = [c.emotion for c in train]
     lexical_texts = ([c.turns[0].text for c in train] + [c.situation for c in train]
                      + [speaker_text(c.turns) for c in train])
-    detector = train_detector(embedder, np.stack(stored), labels, lexical_texts, labels * 3,
+    detector = train_detector(embedder, vectors, dense_labels, lexical_texts, labels * 3,
                               dense_c=args.dense_c, lexical_c=args.lexical_c, seed=args.seed)
 
     def first_turn_accuracy(conversations: list, name: str) -> float:
