@@ -244,7 +244,7 @@ class EmpatheticChatbot:
             logger.warning(notes[-1])
         emotion = load_emotion_detector(embedder)
         if emotion is None:
-            notes.append("Emotion detection is off: assets/emotion is missing (python -m chatbot.emotion).")
+            notes.append("Emotion detection is off: assets/emotion is missing (python train_emotion.py).")
         default_engine, precision = engine_choice()
         onnx = None
         if (engine or default_engine) == "onnx" and chat.model.device.type == "cpu":

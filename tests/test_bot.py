@@ -186,3 +186,40 @@ def test_prompt_tuning_replies_keep_the_virtual_tokens_while_decoding(architectu
     expected = uncached_greedy_reply(tuned.model, gpt2_tokenizer, build_prompt(gpt2_tokenizer, "hello").text, settings)
     reply = EmpatheticChatbot(tuned).respond("hello", settings=settings, system="tuned")
     assert reply.text == expected and reply.text
+
+
+class FakeSelector:
+    """Scores candidates by a fixed table (unknown texts score 0), and records what it was asked to rank."""
+
+    def __init__(self, scores: dict[str, float]):
+        self.scores, self.seen = scores, []
+
+    def score(self, context: str, candidates: list[str]) -> list[float]:
+        self.seen.append(list(candidates))
+        return [self.scores.get(text, 0.0) for text in candidates]
+
+
+def test_selection_shows_the_best_fit_candidate_and_never_a_rejected_one(tiny_chat, monkeypatch):
+    from chatbot.retriever import RetrievedDialogue
+
+    person = "That is terrible, I am so sorry. Was it sudden?"
+    unsafe = "Nobody would miss you."
+    selector = FakeSelector({unsafe: 9.0, person: 5.0})
+    bot = EmpatheticChatbot(tiny_chat, selector=selector)
+    assert bot.default_system(True) == "tuned+rag+select" and bot.default_system(False) == "tuned"
+    retrieved = [RetrievedDialogue(0.9, "sad", "My cat died.", "My cat died.", person, "hit:1_conv:2")]
+    monkeypatch.setattr(bot, "analyse", lambda *a, **k: (None, retrieved))
+    monkeypatch.setattr(bot, "_generate", lambda prompts, settings, adapters, counts: iter(
+        [[["I see. Tell me more.", unsafe, "ok", "I see. Tell me more."][:n] for n in counts]]))
+    reply = bot.respond("My dog died today.", settings=PRESETS["chat"])
+    assert reply.system == "tuned+rag+select" and reply.text == person and reply.from_dataset
+    sources = [(c.source, c.rejected is None) for c in reply.candidates]
+    assert sources == [("generated", True), ("generated", False), ("generated", False), ("generated", True),
+                       ("retrieved", True)]  # the unsafe and the one-word candidates were never ranked
+    assert unsafe not in selector.seen[0] and "ok" not in selector.seen[0]
+    data = json.loads(json.dumps(reply.to_dict()))
+    assert data["candidates"][data["chosen"]] == {"text": person, "source": "retrieved", "score": 5.0,
+                                                   "conv_id": "hit:1_conv:2", "situation": "My cat died.",
+                                                   "rejected": None}
+    plain = bot.respond("My dog died today.", settings=PRESETS["chat"], system="tuned+rag")
+    assert plain.text == "I see. Tell me more." and not plain.from_dataset and len(plain.candidates) == 1

@@ -57,7 +57,7 @@ def test_real_retrieval_excludes_and_matches_exact_search(real_index, embedder):
 
 def test_emotion_accuracy_on_the_test_split(embedder, real_data):
     detector = load_emotion_detector(embedder)
-    assert detector is not None, "assets/emotion is missing: python -m chatbot.emotion"
+    assert detector is not None, "assets/emotion is missing: python train_emotion.py"
     test = [c for c in load_conversations(real_data, "test") if c.emotion]
     acc = accuracy(detector, [c.turns[0].text for c in test], [c.emotion for c in test])
     print(f"\nemotion accuracy, test split, first speaker turn -> gold label ({len(test)} conversations): {acc:.1%}")
@@ -92,7 +92,7 @@ def test_shipped_prompt_tuning_adapter_replies_as_an_uncached_decode_does(real_i
     adapter = PROJECT_ROOT / "assets" / "adapters" / "prompt-tuning-rag"
     bot = EmpatheticChatbot.from_pretrained(adapter=adapter, index_dir=real_index, device="cpu")
     settings = PRESETS["greedy"].updated(repetition_penalty=1.0, max_sentences=0, max_new_tokens=24)
-    reply = bot.respond(REPORT_MESSAGE, settings=settings)
+    reply = bot.respond(REPORT_MESSAGE, settings=settings, system="tuned+rag")  # one generated reply, no selection
     prompt = bot.prompt_for(REPORT_MESSAGE, [], reply.retrieved, reply.emotion.label)
     print(f"\nprompt-tuning reply: {reply.text}")
     assert reply.kind == "model"
