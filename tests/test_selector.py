@@ -147,6 +147,7 @@ def test_train_selector_script_end_to_end(synthetic_data, synthetic_index, tmp_p
     assert manifest["train_dialogues"] == len(load_examples(synthetic_data, "train"))
     assert [e["epoch"] for e in manifest["metrics"]["valid_p_at_1_by_epoch"]] == [0, 1, 2]
     assert set(manifest["metrics"]["test_3"]) == {"untuned_minilm", "selector"}
+    assert set(manifest["metrics"]["test_3"]["selector"]) == {"p_at_1_3", "p_at_1_10", "p_at_1_10_retrieved"}
     trial = manifest["metrics"]["cross_encoder_trial"]
     assert trial["cross_encoder"]["pairs_seen"] > 0 and "ms_per_10_candidates" in trial["selector"]
     assert manifest["arguments"]["epochs"] == 2 and "test, 3 dialogues" in capsys.readouterr().out
