@@ -68,7 +68,7 @@ def make_api(bot: EmpatheticChatbot) -> tuple[Callable, Callable]:
     def compare(message: str, left: str = DEFAULT_LEFT, right: str = DEFAULT_RIGHT) -> tuple[str, str]:
         """Two systems' replies to one message with the same settings and seed.
 
-        Systems: "base", "base+rag", "tuned", "tuned+rag". Returns (left reply, right reply).
+        Systems: "base", "base+rag", "tuned", "tuned+rag", "tuned+rag+select". Returns (left reply, right reply).
         """
         message = check_message(message)
         left, right = check_system(left, "left"), check_system(right, "right")
