@@ -7,7 +7,6 @@ import os
 import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -26,6 +25,7 @@ from chatbot.engine import (
     OrtBackend,
     ReplyText,
     TorchBackend,
+    adapter_state,
     candidate_rows,
     decoder_supports,
     load_onnx,
@@ -548,8 +548,7 @@ class EmpatheticChatbot:
         kwargs = dict(**inputs, **settings.generate_kwargs(), stop_strings=STOP_STRINGS, tokenizer=tokenizer)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        off = self.chat.has_adapter and not use_adapter
-        with self.chat.model.disable_adapter() if off else nullcontext(), torch.inference_mode():
+        with adapter_state(self.chat, use_adapter), torch.inference_mode():
             if settings.num_beams > 1:  # beams cannot stream: yield the finished reply once
                 output = model.generate(**kwargs)
                 reply = ReplyText(settings.max_sentences)

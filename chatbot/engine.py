@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -81,6 +82,11 @@ def logits_processors(settings: GenerationSettings, sampling: bool) -> LogitsPro
         if settings.top_p < 1.0:
             processors.append(TopPLogitsWarper(settings.top_p))
     return processors
+
+
+def adapter_state(chat: ChatModel, adapter: bool) -> AbstractContextManager:
+    """The tuned adapter switched off for the duration (base-model rows) or left as it is."""
+    return chat.model.disable_adapter() if chat.has_adapter and not adapter else nullcontext()
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: object) -> set[int]:
@@ -192,14 +198,14 @@ class TorchBackend:
         names = [adapter if row.adapter else BASE_ADAPTER for row in rows]
         # Only a batch that mixes adapter states needs peft's per-row adapter names.
         self.kwargs = {"adapter_names": names} if chat.has_adapter and len(set(names)) > 1 else {}
-        self.all_base = chat.has_adapter and not any(row.adapter for row in rows)
+        self.chat, self.any_tuned = chat, any(row.adapter for row in rows)  # all-base batches switch LoRA off
         self.cache = DynamicCache(config=self.model.config)
 
     def _forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the last position of every row."""
         # Positions count from each row's first real token, as in an unpadded prompt.
         positions = position_ids(self.mask)[:, -input_ids.shape[1]:]
-        with torch.inference_mode(), (self.model.disable_adapter() if self.all_base else torch.inference_mode()):
+        with torch.inference_mode(), adapter_state(self.chat, self.any_tuned):
             out = self.model(input_ids=input_ids, attention_mask=self.mask, position_ids=positions, cache=self.cache,
                              use_cache=True, logits_to_keep=1, **self.kwargs)
         return out.logits[:, -1].float().cpu()
@@ -496,8 +502,7 @@ def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, li
             start = next(i for i, label in enumerate(example.labels) if label != -100)
             ids = example.input_ids
             target = torch.tensor(ids[start:])
-            off = chat.has_adapter and not adapter
-            with torch.inference_mode(), chat.model.disable_adapter() if off else torch.inference_mode():
+            with torch.inference_mode(), adapter_state(chat, adapter):
                 reference = chat.model(input_ids=torch.tensor([ids], device=chat.model.device)).logits[0].float().cpu()
             for name, logits in (("transformers", reference), ("served", _onnx_logits(onnx, ids, adapter))):
                 logprobs = torch.log_softmax(logits[start - 1:-1], dim=-1)
