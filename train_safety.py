@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision, load_embedder
-from chatbot.runtime import DEFAULT_SEED, set_seed
+from chatbot.runtime import DEFAULT_SEED, files_sha256, set_seed
 from chatbot.safety.classifier import (
     ARTIFACT_DIR,
     HELDOUT_SENTENCES,
     TRAIN_SENTENCES,
-    file_sha256,
     load_sentences,
     near_duplicates,
     train_classifier,
@@ -94,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         "embedder": EMBEDDER_NAME,
         "embedder_precision": embedder_precision(embedder),
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "train_sentences": {"path": "chatbot/safety/sentences/train.jsonl", "sha256": file_sha256(args.train),
+        "train_sentences": {"path": "chatbot/safety/sentences/train.jsonl", "sha256": files_sha256([args.train]),
                             "crisis": int(is_crisis.sum()), "safe": int((~is_crisis).sum())},
-        "heldout": {"path": "chatbot/safety/sentences/heldout.jsonl", "sha256": file_sha256(args.heldout),
+        "heldout": {"path": "chatbot/safety/sentences/heldout.jsonl", "sha256": files_sha256([args.heldout]),
                     "max_training_overlap_cosine": round(float((vectors @ heldout_vectors.T).max()), 4),
                     "screen": heldout_scores.to_dict()},
         "train_seconds": round(time.perf_counter() - started, 1),

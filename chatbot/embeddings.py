@@ -1,25 +1,114 @@
-"""The sentence embedder shared by retrieval, emotion detection and the crisis screen."""
+"""The sentence embedder shared by retrieval, emotion detection, reply selection and the crisis screen.
+
+On CPU its transformer runs on ONNX Runtime (exported once from the same weights, cached): the same fp32
+arithmetic as sentence-transformers without PyTorch's per-operator overhead, which dominates for the one or
+few short texts a message needs. `embed` takes that path when the embedder has it; training and GPU runs keep
+sentence-transformers.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import shutil
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
+from tqdm.auto import tqdm
 
-from chatbot.runtime import cache_dir, get_device, package_dir
+from chatbot.runtime import cache_dir, cpu_threads, engine_choice, files_sha256, get_device, package_dir
 
 logger = logging.getLogger(__name__)
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-# On CPU the Linear layers run as dynamic int8: faster, with embeddings close to fp32 (README: Retrieval index).
-CPU_PRECISION, GPU_PRECISION = "int8-dynamic", "fp32"
+EMBEDDER_PRECISION = "fp32"  # both engines; the int8 copy cost up to 0.09 cosine (README: Retrieval index)
 MAX_SEQ_LENGTH = 128  # keys are one or two turns (p95 55 tokens); longer texts are cut
+EMBEDDER_EXPORT_VERSION = 1  # bump when the export changes: cached exports are rebuilt
+# Largest difference from sentence-transformers' own vectors that the ONNX path may show at load (float noise).
+ONNX_TOLERANCE = 1e-4
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_ONNX_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> OnnxEncoder
+
+
+class _LastHidden(torch.nn.Module):
+    """The transformer with positional inputs and one output, as the ONNX exporter wants it."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+
+class OnnxEncoder:
+    """The embedder's transformer on ONNX Runtime, then mean pooling and L2 normalisation (all-MiniLM's pipeline)."""
+
+    def __init__(self, path: Path, tokenizer: object, max_length: int):
+        """Open the exported graph; one session serves every thread."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Unit vectors for `texts`, longest first in batches (less padding), returned in the input order."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        parts = []
+        for start in tqdm(range(0, len(texts), batch_size), desc="Batches", disable=not progress):
+            tokens = self.tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True,
+                                    truncation=True, max_length=self.max_length, return_tensors="np")
+            hidden = self.session.run(None, {name: tokens[name].astype(np.int64) for name in _INPUTS})[0]
+            mask = tokens["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            parts.append(pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12))
+        vectors = np.empty_like(np.concatenate(parts))
+        vectors[order] = np.concatenate(parts)
+        return vectors
+
+
+def export_embedder(model: SentenceTransformer, source: Path) -> Path:
+    """The embedder's transformer as ONNX, exported once into the cache (named by its weights' checksum)."""
+    files = sorted(Path(source).glob("*.safetensors")) + [Path(source) / "config.json"]
+    key = files_sha256(files)[:16]
+    target = cache_dir() / "onnx" / f"embedder-v{EMBEDDER_EXPORT_VERSION}-{key}"
+    if (target / "model.onnx").exists():
+        return target / "model.onnx"
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    sample = model.tokenizer(["an example text", "two"], padding=True, return_tensors="pt")
+    dynamic = {name: {0: "batch", 1: "tokens"} for name in (*_INPUTS, "last_hidden_state")}
+    try:
+        with warnings.catch_warnings(), torch.no_grad():  # tracing warnings about Python branches
+            warnings.simplefilter("ignore")
+            torch.onnx.export(_LastHidden(model[0].auto_model).eval(), tuple(sample[n] for n in _INPUTS),
+                              str(tmp / "model.onnx"), input_names=list(_INPUTS), output_names=["last_hidden_state"],
+                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target / "model.onnx"
+
+
+def _attach_onnx(model: SentenceTransformer, source: Path) -> None:
+    """Serve `embed` for this embedder from ONNX Runtime, once its vectors match sentence-transformers'."""
+    encoder = OnnxEncoder(export_embedder(model, source), model.tokenizer, model.max_seq_length)
+    probe = ["I got a new puppy today!", "My grandmother passed away last week and I miss her terribly."]
+    reference = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True)
+    difference = float(np.abs(encoder(probe) - reference).max())
+    if difference > ONNX_TOLERANCE:
+        raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")
+    _ONNX_ENCODERS[model] = encoder
 
 
 def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
@@ -32,28 +121,39 @@ def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
 
 
 def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers model by name, preferring the packaged offline copy."""
+    """Load a sentence-transformers model by name, preferring the packaged offline copy; on CPU, served by ONNX Runtime.
+
+    $ED_ENGINE=transformers keeps it on sentence-transformers, as a failed export does (with a warning).
+    """
     path = resolve_embedder(name)
     target = get_device(device)
     logger.info("Loading embedder %s from %s on %s", name, path, target)
     model = SentenceTransformer(path, device=str(target))
     model.max_seq_length = MAX_SEQ_LENGTH
-    if target.type == "cpu":
-        with warnings.catch_warnings():  # torch flags its quantized tensor API as deprecated; it still works
-            warnings.simplefilter("ignore", UserWarning)
-            model[0].auto_model = torch.ao.quantization.quantize_dynamic(
-                model[0].auto_model, {torch.nn.Linear}, dtype=torch.qint8
-            )
+    if target.type == "cpu" and engine_choice()[0] == "onnx" and Path(path).is_dir():
+        try:
+            _attach_onnx(model, Path(path))
+        except Exception as err:  # onnxruntime missing, export failed, vectors differ: the embedder still works
+            logger.warning("The embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
     return model
+
+
+def embedder_engine(model: SentenceTransformer) -> str:
+    """Which engine `embed` uses for this embedder."""
+    return "onnxruntime" if model in _ONNX_ENCODERS else "sentence-transformers"
 
 
 def embedder_precision(model: SentenceTransformer) -> str:
     """How the embedder computes (recorded in manifests for the record)."""
-    return CPU_PRECISION if model.device.type == "cpu" else GPU_PRECISION
+    return EMBEDDER_PRECISION
 
 
 def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Embed texts as L2-normalised float32 rows, so inner product is cosine similarity."""
+    if not texts:
+        return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
+    if model in _ONNX_ENCODERS:
+        return _ONNX_ENCODERS[model](list(texts), batch_size, progress)
     vectors = model.encode(
         texts,
         batch_size=batch_size,

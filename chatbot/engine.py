@@ -49,7 +49,7 @@ from transformers import (
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
-from chatbot.runtime import DEFAULT_SEED, cache_dir
+from chatbot.runtime import DEFAULT_SEED, cache_dir, cpu_threads, files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -122,8 +122,11 @@ class Backend(Protocol):
     def prefill(self) -> torch.Tensor:
         """Float32 logits [rows, vocab] after reading every prompt."""
 
-    def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Feed one token per row (rows already finished get a pad token); logits after it."""
+    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
+        """Feed one token per row (finished rows, `active` False, get a pad token); logits after it.
+
+        A backend may skip work for finished rows; their logits are then meaningless.
+        """
 
     def close(self) -> None:
         """Release what the decode held."""
@@ -178,7 +181,7 @@ class Decoder:
             self.ids = torch.cat([self.ids, torch.tensor(tokens)[:, None]], dim=-1)
             yield new
             if step + 1 < self.settings.max_new_tokens and not all(self.finished):
-                logits = self.backend.step(tokens)
+                logits = self.backend.step(tokens, [not done for done in self.finished])
 
 
 class TorchBackend:
@@ -214,8 +217,8 @@ class TorchBackend:
         """Read every prompt."""
         return self._forward(self.ids)
 
-    def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        """One token per row."""
+    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
+        """One token per row (the batch runs whole: finished rows read their pad token)."""
         step = torch.tensor(tokens, device=self.mask.device)[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(step)], dim=-1)
         return self._forward(step)
@@ -285,15 +288,22 @@ class OrtBackend:
 
         return self._gather(self._map(read, self.generators, self.groups))
 
-    def step(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Hand the engine our tokens as one-hot logits (its greedy search takes them), then read the next logits."""
+    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
+        """Hand the engine our tokens as one-hot logits (its greedy search takes them), then read the next logits.
+
+        A generator whose rows have all finished stops: Compare's shorter reply no longer costs steps.
+        """
 
         def advance(generator: object, group: tuple) -> np.ndarray:
             _, members = group
+            if not any(active[m] for m in members):
+                return np.zeros((len(members), self.vocab), dtype=np.float32)
             forced = np.full((len(members), self.vocab), -np.inf, dtype=np.float32)
             forced[np.arange(len(members)), [tokens[m] for m in members]] = 0.0
             generator.set_logits(forced)
             generator.generate_next_token()
+            if generator.is_done():  # its end-of-sequence token: later logits would be stale, not the model's
+                raise RuntimeError("onnxruntime-genai ended a sequence that the decoder still decodes")
             return generator.get_logits()
 
         return self._gather(self._map(advance, self.generators, self.groups))
@@ -307,16 +317,6 @@ class OrtBackend:
 def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
     """Whether `Decoder` can decode these settings (beam search and prompt tuning need `model.generate`)."""
     return settings.num_beams <= 1 and not is_prompt_learning(chat.model)
-
-
-def _checksum(paths: Sequence[Path]) -> str:
-    """SHA-256 over the files' bytes, in order: what an export was built from."""
-    digest = hashlib.sha256()
-    for path in paths:
-        with path.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def _sources(chat: ChatModel) -> list[Path]:
@@ -337,7 +337,7 @@ def export_manifest(chat: ChatModel, precision: str) -> dict:
         "format_version": EXPORT_FORMAT_VERSION,
         "base_model": chat.base_model,
         "adapter": str(chat.adapter_path) if chat.adapter_path else None,
-        "source_sha256": _checksum(_sources(chat)),
+        "source_sha256": files_sha256(_sources(chat)),
         "builder": f"onnxruntime-genai {og.__version__}",
         "precision": precision,
     }
@@ -426,7 +426,9 @@ def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
     path = export_onnx(chat, precision)
     manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     try:
-        model = og.Model(str(path))
+        config = og.Config(str(path))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
+        model = og.Model(config)
         adapters = None
         if (path / ADAPTER_FILE).exists():
             adapters = og.Adapters(model)

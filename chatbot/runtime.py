@@ -7,9 +7,11 @@ ED_DEVICE (cpu, cuda, ...) and ED_AUTH (the app's login, user:password).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +43,30 @@ def set_seed(seed: int = DEFAULT_SEED) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def cpu_threads() -> int:
+    """Threads for ONNX Runtime sessions: every core this process may run on.
+
+    ONNX Runtime's own default counts physical cores, which is one on a 2-vCPU machine (half the speed here).
+    """
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def engine_choice() -> tuple[str, str]:
     """(engine, precision) for served replies: $ED_ENGINE (onnx | transformers), $ED_ONNX_PRECISION (fp32 | int8 | int4).
 
     fp32 is the default: int8 and int4 change greedy text and held-out perplexity (README, Performance).
     """
     return os.environ.get("ED_ENGINE", "onnx"), os.environ.get("ED_ONNX_PRECISION", "fp32")
+
+
+def files_sha256(paths: Sequence[Path]) -> str:
+    """SHA-256 over the files' bytes, in order: what a derived artifact was built from."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with Path(path).open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig
+from transformers import SuppressTokensLogitsProcessor
 
 import chatbot.engine as engine
 from chatbot.bot import EmpatheticChatbot
@@ -230,6 +231,33 @@ def test_onnx_engine_gives_transformers_greedy_tokens_base_tuned_and_mixed(shipp
 
 
 @pytest.mark.integration
+def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
+    """Compare's shorter reply: its generator takes no further steps while the other reply goes on."""
+    prompts = [encode(shipped, "Hello"), encode(shipped, "My sister is visiting next week!")]
+    rows = [Row(tuple(p), adapter, False) for p, adapter in zip(prompts, (False, True))]
+    stop = stop_token_ids(shipped.model, shipped.tokenizer)
+    backend = OrtBackend(onnx, rows, GREEDY.max_new_tokens)
+    decoder = Decoder(backend, rows, GREEDY, stop, shipped.tokenizer.pad_token_id)
+    decoder.processors.append(SuppressTokensLogitsProcessor(sorted(stop)))  # the second row runs to the limit
+    for step, _ in enumerate(decoder):
+        if step == 2:
+            decoder.finish(0)
+    # Each step after the first feeds the previous token: the first row was fed 2, the second max_new_tokens - 1.
+    counts = [generator.token_count() for generator in backend.generators]
+    assert counts == [len(prompts[0]) + 2, len(prompts[1]) + GREEDY.max_new_tokens - 1]
+
+
+@pytest.mark.integration
+def test_onnx_backend_refuses_to_go_on_after_the_engine_ended_a_row(shipped, onnx):
+    """An end-of-turn token the decoder does not treat as one would leave the engine's logits stale: an error."""
+    rows = [Row(tuple(encode(shipped, "Hello")), False, False)]
+    backend = OrtBackend(onnx, rows, GREEDY.max_new_tokens)
+    backend.prefill()
+    with pytest.raises(RuntimeError, match="ended"):
+        backend.step([shipped.tokenizer.eos_token_id], [True])
+
+
+@pytest.mark.integration
 def test_onnx_served_perplexity_matches_transformers(shipped, onnx, real_data):
     result = engine.served_perplexity(shipped, onnx, str(real_data), limit=5)
     for system in ("base", "tuned"):
@@ -263,7 +291,7 @@ def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tok
     chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")
     bot = EmpatheticChatbot(chat)
-    decode = bench_decode(bot, runs=1)
+    decode = bench_decode(bot, runs=1, k=0)
     assert {"generate_fp32", "transformers"} <= set(decode) and decode["served_engine"] == "transformers"
     assert decode["decode_speedup_vs_generate"] == decode["transformers"]["decode_speedup_vs_generate"] > 0
     compare = bench_compare(bot, runs=1, left="base", right="tuned")

@@ -8,7 +8,6 @@ detector. `python train_safety.py` fits it on chatbot/safety/sentences/train.jso
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -65,11 +64,6 @@ def load_sentences(path: Path) -> list[Sentence]:
             raise ValueError(f"{path}:{number}: label must be one of {LABELS}, not {row.label!r}")
         rows.append(row)
     return rows
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file's bytes (the manifest records the data it was trained on)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def features(vectors: np.ndarray, texts: list[str], lexical: LexicalFeatures) -> sparse.csr_matrix:
