@@ -113,7 +113,7 @@ def time_decoder(bot: object, engine: str, rows: list[Row], settings: Generation
     backend = backend_for(bot, engine, rows)
     decoder = Decoder(backend, rows, settings, set(), bot.chat.tokenizer.pad_token_id)
     # As `generate`'s min_new_tokens: no end-of-turn token, so every engine does the same work.
-    decoder.processors.append(SuppressTokensLogitsProcessor(sorted(bot._stop_ids)))
+    decoder.processors.insert(0, SuppressTokensLogitsProcessor(sorted(bot._stop_ids)))
     for _ in decoder:
         times.append(time.perf_counter())
     backend.close()

@@ -332,6 +332,14 @@ def retrieval_quality(
     return result
 
 
+def sample_text(reply: Reply) -> str:
+    """A reply as samples.md shows it: a person's reply from the data set is named, not quoted (CC BY-NC)."""
+    if reply.from_dataset:
+        chosen = reply.candidates[reply.chosen]
+        return f"*(a listener's reply from the data set, {chosen.conv_id}; not reproduced here: CC BY-NC)*"
+    return reply.text
+
+
 def sample_replies(
     bots: dict[str, tuple[SystemSpec, EmpatheticChatbot]], settings: GenerationSettings, count: int, batch_size: int
 ) -> list[dict]:
@@ -340,7 +348,7 @@ def sample_replies(
                  for turns in SAMPLE_PROMPTS[:count]]
     replies: dict[str, list[str]] = {}
     for label, (spec, bot) in tqdm(bots.items(), desc="samples"):
-        replies[label] = [reply.text for reply, _ in
+        replies[label] = [sample_text(reply) for reply, _ in
                           batched_replies(bot, dialogues, spec.system, settings, batch_size)]
     return [{"dialogue": turns, "replies": {label: texts[n] for label, texts in replies.items()}}
             for n, turns in enumerate(SAMPLE_PROMPTS[:count])]

@@ -182,7 +182,7 @@ def simulated_user(url: str, seed: int, deadline: float, compare_share: float, s
                    record: Callable[[Request], None]) -> None:
     """One user: multi-turn chats until `deadline`, with retrieval toggled per turn and some Compare requests."""
     rng = random.Random(seed)
-    client = make_client(url)
+    client = None
     history: list[dict] = []
     while time.perf_counter() < deadline:
         if not history or len(history) >= 2 * MAX_TURNS:
@@ -193,6 +193,7 @@ def simulated_user(url: str, seed: int, deadline: float, compare_share: float, s
         kind = "compare" if rng.random() < compare_share else "respond"
         begin = time.perf_counter()
         try:
+            client = client or make_client(url)  # connecting is a request too: a refusal is an error, not a lost user
             if kind == "compare":
                 left, right = rng.sample(list(SYSTEMS), 2)
                 replies = client.predict(message, left, right, api_name="/compare")

@@ -27,11 +27,14 @@ from chatbot.runtime import cache_dir, cpu_threads, engine_choice, files_sha256,
 logger = logging.getLogger(__name__)
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
-EMBEDDER_PRECISION = "fp32"  # both engines; the int8 copy cost up to 0.09 cosine (README: Retrieval index)
+EMBEDDER_PRECISION = "fp32"  # both engines; an int8 copy moved the vectors too far (README: Retrieval index)
 MAX_SEQ_LENGTH = 128  # keys are one or two turns (p95 55 tokens); longer texts are cut
 EMBEDDER_EXPORT_VERSION = 1  # bump when the export changes: cached exports are rebuilt
 # Largest difference from sentence-transformers' own vectors that the ONNX path may show at load (float noise).
 ONNX_TOLERANCE = 1e-4
+# Texts per ONNX Runtime call, whatever batch the caller asks for: on CPU large batches gain nothing and pad more
+# (README: Retrieval index); a message's candidates still fit one call.
+ONNX_BATCH = 16
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _ONNX_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> OnnxEncoder
 
@@ -57,11 +60,15 @@ class OnnxEncoder:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
+        # Calls are short and sit between FAISS, torch and the decoder: threads left spinning after one would
+        # take the cores from the work that follows (README: Retrieval index).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Unit vectors for `texts`, longest first in batches (less padding), returned in the input order."""
+        batch_size = min(batch_size, ONNX_BATCH)
         order = np.argsort([-len(t) for t in texts], kind="stable")
         parts = []
         for start in tqdm(range(0, len(texts), batch_size), desc="Batches", disable=not progress):
@@ -104,7 +111,7 @@ def _attach_onnx(model: SentenceTransformer, source: Path) -> None:
     """Serve `embed` for this embedder from ONNX Runtime, once its vectors match sentence-transformers'."""
     encoder = OnnxEncoder(export_embedder(model, source), model.tokenizer, model.max_seq_length)
     probe = ["I got a new puppy today!", "My grandmother passed away last week and I miss her terribly."]
-    reference = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True)
+    reference = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     difference = float(np.abs(encoder(probe) - reference).max())
     if difference > ONNX_TOLERANCE:
         raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")

@@ -427,7 +427,9 @@ def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
     manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     try:
         config = og.Config(str(path))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": cpu_threads()}}}}))
+        # Every core, threads asleep between calls: spinning ones took the cores from concurrent requests' Python.
+        options = {"intra_op_num_threads": cpu_threads(), "session.intra_op.allow_spinning": "0"}
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         model = og.Model(config)
         adapters = None
         if (path / ADAPTER_FILE).exists():

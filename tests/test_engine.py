@@ -238,7 +238,7 @@ def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
     stop = stop_token_ids(shipped.model, shipped.tokenizer)
     backend = OrtBackend(onnx, rows, GREEDY.max_new_tokens)
     decoder = Decoder(backend, rows, GREEDY, stop, shipped.tokenizer.pad_token_id)
-    decoder.processors.append(SuppressTokensLogitsProcessor(sorted(stop)))  # the second row runs to the limit
+    decoder.processors.insert(0, SuppressTokensLogitsProcessor(sorted(stop)))  # the second row runs to the limit
     for step, _ in enumerate(decoder):
         if step == 2:
             decoder.finish(0)

@@ -94,3 +94,14 @@ def test_missing_evaluation_extras_are_reported_before_any_work(monkeypatch, cap
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sacrebleu" else find_spec(name, *a))
     assert evaluation.main(["--data-dir", "/no/such/data", "--out", str(tmp_path / "results")]) == 2
     assert "sacrebleu not installed: run `make eval`" in capsys.readouterr().err
+
+
+def test_samples_name_a_reply_from_the_data_set_without_quoting_it():
+    """samples.md is committed: a person's reply the selector chose (CC BY-NC) is named by conversation, not quoted."""
+    from chatbot.bot import Candidate, Reply
+
+    generated = Candidate("I am so sorry to hear that.")
+    person = Candidate("A person's words from the data set.", "retrieved", conv_id="hit:1_conv:2")
+    assert evaluation.sample_text(Reply(text=generated.text, candidates=[generated, person], chosen=0)) == generated.text
+    shown = evaluation.sample_text(Reply(text=person.text, candidates=[generated, person], chosen=1))
+    assert person.text not in shown and "hit:1_conv:2" in shown

@@ -12,7 +12,7 @@ import gradio as gr
 from chatbot.bot import MAX_MESSAGE_CHARS, EmpatheticChatbot, Reply, normalise_message
 from chatbot.generation import DEFAULT_PRESET, PRESET_DESCRIPTIONS, PRESETS, GenerationSettings
 from chatbot.models import DEFAULT_ADAPTER_DIR
-from chatbot.runtime import ASSETS_DIR
+from chatbot.runtime import ASSETS_DIR, cpu_threads
 from chatbot.safety import RESOURCES_MARKDOWN
 from chatbot.systems import SYSTEMS
 from chatbot.web import render
@@ -37,8 +37,9 @@ SAMPLING_ONLY = {"temperature", "top_p"}  # greyed out for presets that do not s
 # The message boxes stop at this many characters: longer pastes are cut in the browser (the bot keeps fewer).
 MAX_TYPED_CHARS = 10 * MAX_MESSAGE_CHARS
 QUEUE_SIZE = 32
-# ONNX Runtime requests run side by side (chatbot.engine); more at once would only share the same 2 cores thinner.
-CONCURRENCY_LIMIT = 4
+# ONNX Runtime requests run side by side (chatbot.engine), one per core: with more, the decode threads starved the
+# server's own event loop and clients timed out (README: Load).
+CONCURRENCY_LIMIT = cpu_threads()
 
 
 def chosen_settings(preset: str, sliders: dict[str, float]) -> GenerationSettings:
