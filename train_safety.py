@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision, load_embedder
+from chatbot.embeddings import EMBEDDER_NAME, EMBEDDER_PRECISION, embed, load_embedder
 from chatbot.runtime import DEFAULT_SEED, files_sha256, set_seed
 from chatbot.safety.classifier import (
     ARTIFACT_DIR,
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     classifier.manifest.update({
         "version": 1,
         "embedder": EMBEDDER_NAME,
-        "embedder_precision": embedder_precision(embedder),
+        "embedder_precision": EMBEDDER_PRECISION,
         "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "train_sentences": {"path": "chatbot/safety/sentences/train.jsonl", "sha256": files_sha256([args.train]),
                             "crisis": int(is_crisis.sum()), "safe": int((~is_crisis).sum())},

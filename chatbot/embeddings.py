@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
 import warnings
 import weakref
 from pathlib import Path
@@ -22,7 +20,16 @@ import torch
 from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
-from chatbot.runtime import cache_dir, cpu_threads, engine_choice, files_sha256, get_device, package_dir
+from chatbot.runtime import (
+    atomic_folder,
+    cache_dir,
+    cpu_threads,
+    engine_choice,
+    files_sha256,
+    get_device,
+    model_files,
+    package_dir,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +92,17 @@ class OnnxEncoder:
 
 def export_embedder(model: SentenceTransformer, source: Path) -> Path:
     """The embedder's transformer as ONNX, exported once into the cache (named by its weights' checksum)."""
-    files = sorted(Path(source).glob("*.safetensors")) + [Path(source) / "config.json"]
-    key = files_sha256(files)[:16]
+    key = files_sha256(model_files(source))[:16]
     target = cache_dir() / "onnx" / f"embedder-v{EMBEDDER_EXPORT_VERSION}-{key}"
     if (target / "model.onnx").exists():
         return target / "model.onnx"
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
     sample = model.tokenizer(["an example text", "two"], padding=True, return_tensors="pt")
     dynamic = {name: {0: "batch", 1: "tokens"} for name in (*_INPUTS, "last_hidden_state")}
-    try:
-        with warnings.catch_warnings(), torch.no_grad():  # tracing warnings about Python branches
-            warnings.simplefilter("ignore")
-            torch.onnx.export(_LastHidden(model[0].auto_model).eval(), tuple(sample[n] for n in _INPUTS),
-                              str(tmp / "model.onnx"), input_names=list(_INPUTS), output_names=["last_hidden_state"],
-                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(target) as tmp, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracing warnings about Python branches
+        torch.onnx.export(_LastHidden(model[0].auto_model).eval(), tuple(sample[n] for n in _INPUTS),
+                          str(tmp / "model.onnx"), input_names=list(_INPUTS), output_names=["last_hidden_state"],
+                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
     return target / "model.onnx"
 
 
@@ -150,11 +149,6 @@ def embedder_engine(model: SentenceTransformer) -> str:
     return "onnxruntime" if model in _ONNX_ENCODERS else "sentence-transformers"
 
 
-def embedder_precision(model: SentenceTransformer) -> str:
-    """How the embedder computes (recorded in manifests for the record)."""
-    return EMBEDDER_PRECISION
-
-
 def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Embed texts as L2-normalised float32 rows, so inner product is cosine similarity."""
     if not texts:
@@ -173,7 +167,7 @@ def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, pr
 
 def embed_cached(model: SentenceTransformer, texts: list[str], name: str) -> np.ndarray:
     """`embed` with a cache (training scripts re-run), keyed by the texts and the embedder's precision."""
-    key = hashlib.sha256("\n".join([EMBEDDER_NAME, embedder_precision(model), *texts]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\n".join([EMBEDDER_NAME, EMBEDDER_PRECISION, *texts]).encode()).hexdigest()[:16]
     path = cache_dir() / "embeddings" / f"{name}-{key}.npy"
     if path.exists():
         return np.load(path)

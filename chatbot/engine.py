@@ -49,7 +49,7 @@ from transformers import (
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
-from chatbot.runtime import DEFAULT_SEED, cache_dir, cpu_threads, files_sha256
+from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads, files_sha256, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -321,8 +321,7 @@ def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
 
 def _sources(chat: ChatModel) -> list[Path]:
     """The files an export depends on: base weights and config, then the adapter's weights and config."""
-    base = Path(resolve_base_model(chat.base_model))
-    files = sorted(base.glob("*.safetensors")) + [base / "config.json"]
+    files = model_files(Path(resolve_base_model(chat.base_model)))
     if chat.adapter_path is not None:
         adapter = Path(chat.adapter_path)
         files += sorted(adapter.glob("adapter_model.*")) + [adapter / "adapter_config.json"]
@@ -391,29 +390,22 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
     target = export_dir(manifest)
     if (target / MANIFEST_FILE).exists():
         return target
-    tmp = target.with_name(f".{target.name}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", resolve_base_model(chat.base_model),
-               "-o", str(tmp), "-p", precision, "-e", "cpu", "-c", str(tmp / "hf-cache")]
-    if chat.adapter_path is not None:
-        command += ["--extra_options", f"adapter_path={chat.adapter_path}"]
     logger.info("Exporting %s to ONNX (%s) at %s; once, takes about a minute", chat.base_model, precision, target)
     started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ExportError(f"the ONNX model builder failed: {done.stderr.strip()[-500:]}")
-    try:
+    with atomic_folder(target) as tmp:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                   resolve_base_model(chat.base_model), "-o", str(tmp), "-p", precision, "-e", "cpu",
+                   "-c", str(tmp / "hf-cache")]
+        if chat.adapter_path is not None:
+            command += ["--extra_options", f"adapter_path={chat.adapter_path}"]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ExportError(f"the ONNX model builder failed: {done.stderr.strip()[-500:]}")
         shutil.rmtree(tmp / "hf-cache", ignore_errors=True)
         if chat.adapter_path is not None:
             _runtime_adapter(tmp)
         manifest["export_seconds"] = round(time.perf_counter() - started, 1)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.replace(target)
-    except Exception:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example, Turn, data_checksum, load_examples
-from chatbot.embeddings import EMBEDDER_NAME, embed, embedder_precision, load_embedder
+from chatbot.embeddings import EMBEDDER_NAME, EMBEDDER_PRECISION, embed, load_embedder
 from chatbot.runtime import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def build_index(
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,
         "embedder": embedder_name,
-        "embedder_precision": embedder_precision(embedder),
+        "embedder_precision": EMBEDDER_PRECISION,
         "dim": int(vectors.shape[1]),
         "count": len(records),
         "index_type": index_type,

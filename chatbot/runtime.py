@@ -11,7 +11,9 @@ import hashlib
 import logging
 import os
 import random
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,7 @@ def set_seed(seed: int = DEFAULT_SEED) -> None:
 def cpu_threads() -> int:
     """Threads for ONNX Runtime sessions: every core this process may run on.
 
-    ONNX Runtime's own default counts physical cores, which is one on a 2-vCPU machine (half the speed here).
+    ONNX Runtime's own default counts physical cores, which is one on a 2-vCPU machine.
     """
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -67,6 +69,28 @@ def files_sha256(paths: Sequence[Path]) -> str:
             for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def model_files(folder: Path) -> list[Path]:
+    """A model folder's weights and config: what an export of it depends on."""
+    return sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]
+
+
+@contextmanager
+def atomic_folder(target: Path) -> Iterator[Path]:
+    """A sibling folder to write into, renamed to `target` (replacing it) only when the block succeeds.
+
+    A crash or an error never leaves a half-written `target`; the sibling is removed either way.
+    """
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def cache_dir() -> Path:
