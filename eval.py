@@ -263,7 +263,8 @@ def score_system(
     for i, (reply, seconds) in zip(pending, tqdm(replies, total=len(examples), initial=len(examples) - len(pending),
                                                  desc=f"replies {spec.system.name}")):
         done[i] = {"i": i, "reply": reply.text, "kind": reply.kind, "seconds": seconds,
-                   "source": "retrieved" if reply.from_dataset else "generated"}
+                   "source": "retrieved" if reply.from_dataset else "generated",
+                   "score": reply.candidates[reply.chosen].score if reply.candidates else None}
         cache.add_reply(done[i])
     rows = [done[i] for i in range(len(examples))]
     replies, golds = [r["reply"] for r in rows], [ex.reply for ex in examples]
@@ -305,7 +306,7 @@ def emotion_accuracy(bot: EmpatheticChatbot, test_conversations: Sequence[Conver
 
 def retrieval_quality(
     retriever: Retriever, embedder, examples: Sequence[Example], query_vectors: np.ndarray,
-    test_examples: Sequence[Example], seed: int,
+    test_examples: Sequence[Example], seed: int, selector: ResponseSelector | None,
 ) -> dict:
     """Emotion agreement of retrieved dialogues, and P@1,N of the untuned MiniLM and of the shipped selector."""
     hits = retriever.search_vectors(query_vectors, 5)
@@ -316,7 +317,6 @@ def retrieval_quality(
     reply_vectors, position = embed(embedder, replies), {text: i for i, text in enumerate(replies)}
     candidate_vectors = [reply_vectors[[position[c] for c in row]] for row in sets]
     scorers = {"": ResponseSelector(embedder, *(np.eye(query_vectors.shape[1]),) * 2)}
-    selector = load_response_selector(embedder)
     if selector is not None:
         scorers["selector_"] = selector
     result = {
@@ -495,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
         retriever = Retriever(Path(args.index_dir) if args.index_dir else default_index_dir(), embedder) \
             if needs_index else None
         emotion = load_emotion_detector(embedder)
+        selector = load_response_selector(embedder)
+        if selector is None and any(s.system.select for s in specs):
+            raise ModelLoadError("A +select system needs the response selector (assets/selector): "
+                                 "train it with train_selector.py")
         models = {(s.base_model, s.adapter): load_chat_model(s.base_model, s.adapter, args.device) for s in specs}
     except (DataError, ModelLoadError, IndexLoadError, OSError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -504,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out.mkdir(parents=True, exist_ok=True)
     bots = {s.system.name: (s, EmpatheticChatbot(models[(s.base_model, s.adapter)], retriever, emotion, None, k=args.k,
-                                           embedder=embedder)) for s in specs}
+                                           embedder=embedder, selector=selector)) for s in specs}
     # Embedded once: every system's emotion and neighbours, and the retrieval scores, use the same query vectors.
     query_vectors = embed(embedder, [query_text(ex.history) for ex in examples])
     gold_vectors = None if args.perplexity_only else embed(embedder, [ex.reply for ex in examples])
@@ -559,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         "systems": {label: {k: v for k, v in m.items() if k != "perplexity_detail"} for label, m in systems.items()},
         "perplexity_detail": {label: m["perplexity_detail"] for label, m in systems.items()},
         "emotion": {} if args.perplexity_only else emotion_accuracy(any_bot, conversations),
-        "retrieval": retrieval_quality(retriever, embedder, examples, query_vectors, test_examples, args.seed)
+        "retrieval": retrieval_quality(retriever, embedder, examples, query_vectors, test_examples, args.seed,
+                                        selector)
         if retriever and not args.perplexity_only else {},
         "anchors": ANCHORS,
     }

@@ -66,6 +66,15 @@ def test_three_examples_produce_every_output(tmp_path, tiny_model_dir, tiny_adap
     assert "Generated replies" not in (other / "results.md").read_text()
 
 
+def test_a_selecting_system_ranks_its_candidates(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data,
+                                                 synthetic_index):
+    """eval.py's tuned+rag+select shows the selector's pick, not the first candidate unscored."""
+    assert run_eval(tmp_path, tiny_model_dir, tiny_adapter, synthetic_data, synthetic_index, "--systems",
+                    "tuned+rag+select", "--samples", "0") == 0
+    rows = (tmp_path / "results" / "cache" / "tuned-lora-tiny+rag+select" / "replies.jsonl").read_text().splitlines()
+    assert len(rows) == 3 and all(json.loads(row)["score"] is not None for row in rows)
+
+
 @pytest.mark.parametrize("extra, code", [
     (["--adapters", "/no/such/adapter"], 2),
     (["--systems", "{tmp}/not-a-model"], 2),

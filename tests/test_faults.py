@@ -16,6 +16,7 @@ from cli_runner import read_output, save_adapter_for, save_tiny_model, snapshot,
 from conftest import SYNTHETIC, write_split
 from gradio_client import Client
 
+from chatbot import embeddings
 from chatbot.bot import ERROR_REPLY, EmpatheticChatbot
 from chatbot.data import SPEAKER, Turn, load_examples
 from chatbot.generation import PRESETS
@@ -250,6 +251,7 @@ def test_embedder_failing_still_screens_for_crisis_and_replies_without_retrieval
         raise RuntimeError("embedding failed (simulated)")
 
     monkeypatch.setattr(bot.embedder, "encode", failing)
+    monkeypatch.setattr(embeddings, "_ONNX_ENCODERS", {})  # so the ONNX Runtime path falls to the failing one too
     crisis = bot.respond("I want to kill myself tonight.", settings=GREEDY)
     assert crisis.kind == "crisis"  # the patterns still screen without the embedder
     reply = bot.respond("My goldfish died this morning.", settings=GREEDY)
