@@ -10,7 +10,7 @@ from pathlib import Path
 
 from chatbot import options
 from chatbot.data import DataError
-from chatbot.retriever import INDEX_TYPES, IndexLoadError, build_from_data
+from chatbot.retriever import INDEX_FORMAT_VERSION, INDEX_TYPES, IndexLoadError, build_from_data, read_manifest
 from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
 
 logger = logging.getLogger("build_index")
@@ -29,7 +29,8 @@ class IndexArguments:
     limit: int = options.option(0, "index only a seeded random subset of N replies (0 = all)")
     batch_size: int = options.option(128, "embedding batch size")
     seed: int = options.option(DEFAULT_SEED, "seed for --limit sampling")
-    if_missing: bool = options.option(False, "do nothing when an index already exists there")
+    if_missing: bool = options.option(False, "do nothing when an index of this format version already exists there "
+                                             "(an older one is rebuilt)")
 
     def __post_init__(self) -> None:
         """Refuse out-of-range numbers before anything is read."""
@@ -44,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     set_seed(args.seed)
     index_dir = Path(args.index_dir) if args.index_dir else default_index_dir()
     if args.if_missing and (index_dir / "manifest.json").exists():
-        logger.info("Index already at %s; nothing to do", index_dir)
-        return 0
+        try:
+            current = read_manifest(index_dir).get("format_version") == INDEX_FORMAT_VERSION
+        except IndexLoadError:
+            current = False
+        if current:
+            logger.info("Index already at %s; nothing to do", index_dir)
+            return 0
+        logger.info("The index at %s is of another format; rebuilding it", index_dir)
     started = time.perf_counter()
     try:  # the data is read before the embedder loads, so bad data fails fast; the old index stays untouched
         manifest = build_from_data(args.data_dir, index_dir, None, args.split, args.index_type,

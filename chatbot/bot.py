@@ -448,7 +448,9 @@ class EmpatheticChatbot:
             candidate.rejected = unfit(candidate.text, conversation)
         fit = [i for i, candidate in enumerate(reply.candidates) if not candidate.rejected]
         if fit and self.selector is not None:
-            scores = self.selector.score(context, [reply.candidates[i].text for i in fit])
+            known = dict(zip((r.response for r in reply.retrieved), self.retriever.reply_vectors(reply.retrieved))) \
+                if reply.retrieved else {}
+            scores = self.selector.score(context, [reply.candidates[i].text for i in fit], known)
             for i, score in zip(fit, scores):
                 reply.candidates[i].score = round(score, 4)
             reply.chosen = max(fit, key=lambda i: reply.candidates[i].score)

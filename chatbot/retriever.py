@@ -23,11 +23,13 @@ from chatbot.runtime import DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = "ed-index-v1"
+# v2: the listener replies' own vectors are stored too, so reply selection never embeds a retrieved reply again.
+INDEX_FORMAT_VERSION = "ed-index-v2"
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 # A reply depends mostly on the last exchange; longer keys dilute the embedding.
 QUERY_TURNS = 2
 INDEX_FILE, RECORDS_FILE, MANIFEST_FILE = "index.faiss", "records.jsonl", "manifest.json"
+REPLY_VECTORS_FILE = "replies.npy"
 
 
 class IndexLoadError(RuntimeError):
@@ -44,6 +46,7 @@ class RetrievedDialogue:
     context: str
     response: str
     conv_id: str
+    row: int = -1  # position in the index (its reply's stored vector); -1: not from an index
 
     def to_dict(self) -> dict:
         """Plain dict, for JSON."""
@@ -108,7 +111,7 @@ def build_index(
     embedder_name: str = EMBEDDER_NAME,
     batch_size: int = 128,
 ) -> dict:
-    """Embed the examples' contexts, write index, records and manifest atomically to `out_dir`."""
+    """Embed the examples' contexts and replies, write index, records, reply vectors and manifest atomically."""
     if not examples:
         raise IndexLoadError("No examples to index")
     out_dir = Path(out_dir)
@@ -116,6 +119,7 @@ def build_index(
     started = time.perf_counter()
     records = _records(examples)
     vectors = embed(embedder, [r["context"] for r in records], batch_size=batch_size, progress=True)
+    reply_vectors = embed(embedder, [r["response"] for r in records], batch_size=batch_size, progress=True)
     index = faiss_index(vectors, index_type)
     seconds = time.perf_counter() - started
     manifest = {
@@ -129,7 +133,7 @@ def build_index(
         "query_turns": QUERY_TURNS,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(seconds, 1),
-        "texts_per_second": round(len(records) / seconds, 1),
+        "texts_per_second": round(2 * len(records) / seconds, 1),  # each record: its context and its reply
     }
     if index_type != "flat":
         manifest["recall_at_10_vs_flat"] = round(recall_at_k(index, vectors), 4)
@@ -140,6 +144,7 @@ def build_index(
     tmp.mkdir(parents=True)
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
+        np.save(tmp / REPLY_VECTORS_FILE, reply_vectors.astype(np.float32))
         with open(tmp / RECORDS_FILE, "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -235,12 +240,16 @@ class Retriever:
             self.index = faiss.read_index(str(index_dir / INDEX_FILE))
             with open(index_dir / RECORDS_FILE, encoding="utf-8") as fh:
                 self.records = [json.loads(line) for line in fh]
+            # Memory-mapped: only the rows of retrieved replies are ever read.
+            self._reply_vectors = np.load(index_dir / REPLY_VECTORS_FILE, mmap_mode="r")
         except (RuntimeError, OSError, ValueError) as err:
             raise IndexLoadError(f"Corrupt index at {index_dir}: {err}. Rebuild: python build_index.py") from err
-        if self.index.ntotal != len(self.records) or len(self.records) != manifest.get("count"):
+        if (self.index.ntotal != len(self.records) or len(self.records) != manifest.get("count")
+                or self._reply_vectors.shape != (len(self.records), dim)):
             raise IndexLoadError(
                 f"Corrupt index at {index_dir}: {self.index.ntotal} vectors, {len(self.records)} records, "
-                f"manifest says {manifest.get('count')}. Rebuild: python build_index.py"
+                f"reply vectors {self._reply_vectors.shape}, manifest says {manifest.get('count')}. "
+                "Rebuild: python build_index.py"
             )
         self.manifest = manifest
         self.embedder = embedder
@@ -248,6 +257,10 @@ class Retriever:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def reply_vectors(self, hits: Sequence[RetrievedDialogue]) -> np.ndarray:
+        """The stored embedding of each retrieved dialogue's listener reply, (len(hits), dim)."""
+        return np.asarray(self._reply_vectors[[hit.row for hit in hits]], dtype=np.float32)
 
     def stored_vectors(self, examples: Sequence[Example]) -> list[np.ndarray | None]:
         """The index's own vector for each example it contains (matched by conversation, context and reply)."""
@@ -284,7 +297,7 @@ class Retriever:
                 record = self.records[idx]
                 if record["conv_id"] in exclude:
                     continue
-                hits.append(RetrievedDialogue(score=float(score), **record))
+                hits.append(RetrievedDialogue(score=float(score), **record, row=int(idx)))
                 if len(hits) == k:
                     break
             results.append(hits)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,11 +65,19 @@ class ResponseSelector:
         position = {text: i for i, text in enumerate(replies)}
         return self.score_vectors(context_vectors, [reply_vectors[[position[c] for c in row]] for row in candidates])
 
-    def score(self, context: str, candidates: Sequence[str]) -> list[float]:
-        """Score each candidate as a reply to `context` (a dialogue as `query_text` writes it)."""
+    def score(self, context: str, candidates: Sequence[str], known: Mapping[str, np.ndarray] | None = None) -> list[float]:
+        """Score each candidate as a reply to `context` (a dialogue as `query_text` writes it).
+
+        `known`: vectors already at hand by text (retrieved replies' from the index); only the rest is embedded.
+        """
         if not candidates:
             return []
-        return [float(s) for s in self.score_many([context], [candidates])[0]]
+        known = known or {}
+        fresh = list(dict.fromkeys(c for c in candidates if c not in known))
+        vectors = embed(self.embedder, [context, *fresh])
+        lookup = {**known, **dict(zip(fresh, vectors[1:]))}
+        scores = self.score_vectors(vectors[:1], [np.stack([lookup[c] for c in candidates])])[0]
+        return [float(s) for s in scores]
 
     def save(self, out_dir: Path, extra: dict | None = None) -> Path:
         """Write the two maps and a manifest (format, kind, embedder, context turns, plus `extra`)."""

@@ -32,6 +32,14 @@ def test_flat_search_equals_brute_force(small_index, synthetic_data, embedder):
         assert hits[0].score >= hits[1].score >= hits[2].score
 
 
+def test_stored_reply_vectors_are_the_replies_embeddings(small_index, embedder):
+    """Reply selection takes a retrieved reply's vector from the index instead of embedding it again."""
+    hits = Retriever(small_index, embedder).search([Turn(SPEAKER, "my pet fish died")], k=3)
+    stored = Retriever(small_index, embedder).reply_vectors(hits)
+    assert stored.shape == (3, 384)
+    assert np.allclose(stored, embed(embedder, [h.response for h in hits]), atol=1e-5)
+
+
 def test_exclusion_never_returns_the_conversation(small_index, embedder):
     retriever = Retriever(small_index, embedder)
     top = retriever.search([Turn(SPEAKER, "my goldfish died")], k=1)[0]
@@ -55,6 +63,12 @@ def test_loader_refuses_other_embedder_and_corrupt_files(small_index, tmp_path, 
     with pytest.raises(IndexLoadError, match="embedder"):
         Retriever(other, embedder)
     (other / "manifest.json").write_text(json.dumps(manifest))
+    np.save(other / "replies.npy", np.zeros((manifest["count"] - 1, 384), dtype=np.float32))
+    with pytest.raises(IndexLoadError, match="reply vectors"):
+        Retriever(other, embedder)
+    (other / "replies.npy").unlink()
+    with pytest.raises(IndexLoadError, match="Corrupt"):
+        Retriever(other, embedder)
     (other / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexLoadError, match="Corrupt"):
         Retriever(other, embedder)
@@ -93,3 +107,20 @@ def test_rebuild_replaces_index_whole(tmp_path, synthetic_data, embedder):
     build_index(examples[:3], embedder, tmp_path / "idx", "second")
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["count"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_if_missing_keeps_a_current_index_and_rebuilds_an_older_format(small_index, synthetic_data, tmp_path):
+    import shutil
+
+    import build_index
+
+    index = tmp_path / "index"
+    shutil.copytree(small_index, index)
+    args = ["--data-dir", str(synthetic_data), "--index-dir", str(index), "--if-missing"]
+    assert build_index.main(args) == 0
+    assert json.loads((index / "manifest.json").read_text())["data_checksum"] == "abc"  # left as it was
+    manifest = json.loads((index / "manifest.json").read_text())
+    (index / "manifest.json").write_text(json.dumps({**manifest, "format_version": "ed-index-v1"}))
+    assert build_index.main(args) == 0
+    rebuilt = json.loads((index / "manifest.json").read_text())
+    assert rebuilt["format_version"] != "ed-index-v1" and rebuilt["data_checksum"] != "abc"

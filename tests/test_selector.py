@@ -95,6 +95,20 @@ def test_untuned_selector_scores_are_minilm_cosines(embedder):
     assert selector.score(context, []) == []
 
 
+def test_known_vectors_are_used_not_embedded_again(embedder, monkeypatch):
+    """A retrieved reply's vector from the index scores as its fresh embedding would, without an embedding call."""
+    import chatbot.selector as selector_module
+
+    selector = ResponseSelector(embedder, np.eye(384), np.eye(384))
+    context, replies = "My dog died today.", ["I am so sorry for your loss.", "Congratulations on the new job!"]
+    expected = selector.score(context, replies)
+    embedded = []
+    monkeypatch.setattr(selector_module, "embed", lambda model, texts: embedded.extend(texts) or embed(model, texts))
+    known = {replies[1]: embed(embedder, [replies[1]])[0]}
+    assert np.allclose(selector.score(context, replies, known), expected, atol=1e-5)
+    assert embedded == [context, replies[0]]
+
+
 def test_candidate_sets_follow_eval_protocol(synthetic_data):
     examples = examples_of(load_conversations(synthetic_data, "train"))
     sets = candidate_sets(examples, examples, size=4, seed=1)
