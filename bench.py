@@ -3,7 +3,7 @@
 Writes assets/results/bench.json and bench.md (medians and p95 after a warm-up): model load (first start with
 the GGUF conversion, and a cached start), time to first token and decode speed for a fixed prompt (greedy,
 64 new tokens) next to plain fp32 `model.generate` as the baseline, full reply latency with and without
-retrieval, retrieval query latency, index build throughput, app start-up, Compare vs one reply, a load test
+retrieval, retrieval query latency, the crisis screen and reply selection per message, index build throughput, app start-up, Compare vs one reply, a load test
 through the app's API, and the int8 copy's held-out perplexity next to fp32. Run it on an otherwise idle
 machine: other work on the CPU makes every figure meaningless.
 """
@@ -11,6 +11,7 @@ machine: other work on the CPU makes every figure meaningless.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -131,13 +132,20 @@ def engines(bot: object) -> list[str]:
     return [TorchBackend.name] + ([OrtBackend.name] if bot.onnx else [])
 
 
+@contextlib.contextmanager
+def retrieving(bot: object, k: int) -> Iterator[None]:
+    """The bot retrieves k dialogues inside the block (the app's k is fixed at start; the bench varies it)."""
+    saved, bot.k = bot.k, k
+    try:
+        yield
+    finally:
+        bot.k = saved
+
+
 def report_prompt(bot: object, k: int) -> list[int]:
     """The tuned+rag prompt for REPORT_MESSAGE with k retrieved dialogues (none without an index), as token ids."""
-    saved_k, bot.k = bot.k, k
-    try:
+    with retrieving(bot, k):
         emotion, retrieved = bot.analyse(REPORT_MESSAGE, [], use_retrieval=k > 0)
-    finally:
-        bot.k = saved_k
     text = bot.prompt_for(REPORT_MESSAGE, [], retrieved, emotion.label if emotion else None).text
     return bot.chat.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -250,12 +258,9 @@ def bench_replies(bot: object, runs: int) -> dict:
                             ("reply_selected", "tuned+rag+select", bot.k)]:
         if k and bot.retriever is None or system.endswith("select") and bot.selector is None:
             continue
-        saved_k, bot.k = bot.k, k or bot.k
         prompt_tokens: list[int] = []
-        try:
+        with retrieving(bot, k or bot.k):
             stats = repeat(functools.partial(time_reply, bot, system, settings, prompt_tokens), runs)
-        finally:
-            bot.k = saved_k
         results[name] = {"system": system, "k": k, "time_to_first_token": stats["ttft"],
                          "reply_latency": stats["total"], "prompt_tokens": int(statistics.median(prompt_tokens))}
     return results
@@ -303,6 +308,42 @@ def bench_retrieval(bot: object, data_dir: str | None, queries: int) -> dict:
         searching.append(done - embedded)
     return {"index_count": len(bot.retriever), "k": 5, **percentiles(total),
             "embed": percentiles(embedding), "search": percentiles(searching)}
+
+
+def bench_screen(bot: object, data_dir: str | None, queries: int, warmup: int = 5) -> dict:
+    """Crisis screen latency per message (patterns, then the classifier's MiniLM batch) on held-out test messages."""
+    messages = [ex.history[-1].text for ex in load_examples(data_dir, "test", limit=queries + warmup)]
+    times = []
+    for i, message in enumerate(messages):
+        started = time.perf_counter()
+        bot.crisis.check(message)
+        if i >= warmup:
+            times.append(time.perf_counter() - started)
+    return {"messages": len(times), **percentiles(times)}
+
+
+def bench_selection(bot: object, data_dir: str | None, queries: int, warmup: int = 5, generated: int = 4,
+                    retrieved: int = 6) -> dict:
+    """Selector scoring of `generated` new replies plus `retrieved` listener replies per test dialogue.
+
+    Side by side: the retrieved replies' vectors from the index (served) and every candidate embedded afresh.
+    """
+    examples = load_examples(data_dir, "test", limit=queries + warmup)
+    contexts = [query_text(ex.history) for ex in examples]
+    hits = bot.retriever.search_vectors(embed(bot.embedder, contexts), retrieved)
+    # Other dialogues' gold replies stand in for generated candidates: unseen text of a reply's length.
+    fresh = [[examples[(i + j + 1) % len(examples)].reply for j in range(generated)] for i in range(len(examples))]
+    timings: dict[str, list[float]] = {"stored_vectors": [], "all_embedded": []}
+    for i, (context, row) in enumerate(zip(contexts, hits)):
+        candidates = fresh[i] + [h.response for h in row]
+        known = dict(zip((h.response for h in row), bot.retriever.reply_vectors(row)))
+        for name, vectors in (("stored_vectors", known), ("all_embedded", None)):
+            started = time.perf_counter()
+            bot.selector.score(context, candidates, vectors)
+            if i >= warmup:
+                timings[name].append(time.perf_counter() - started)
+    return {"dialogues": len(timings["stored_vectors"]), "candidates": generated + retrieved, "generated": generated,
+            **{name: percentiles(t) for name, t in timings.items()}}
 
 
 def bench_index_build(bot: object, data_dir: str | None, texts: int) -> dict:
@@ -384,6 +425,14 @@ def markdown(report: dict) -> str:
             if part in r:
                 rows.append((f"Retrieval: {part} alone (ms p50/p95)",
                              f"{r[part]['p50_ms']:.1f} / {r[part]['p95_ms']:.1f}", ""))
+    if "screen" in report:
+        rows.append((f"Crisis screen per message ({report['screen']['messages']} test messages, ms p50/p95)",
+                     _ms(report["screen"]), ""))
+    if "selection" in report:
+        sel = report["selection"]
+        rows.append((f"Selector, {sel['candidates']} candidates ({sel['generated']} new): retrieved replies' vectors "
+                     "from the index / all embedded (ms p50)",
+                     f"{sel['stored_vectors']['p50_ms']:.1f} / {sel['all_embedded']['p50_ms']:.1f}", ""))
     if "index_build" in report:
         b = report["index_build"]
         rows.append((f"Index build (sample of {b['texts']:,} texts)", f"{b['texts_per_s']:.0f} texts/s", ""))
@@ -488,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     if bot.retriever is not None:
         logger.info("Timing retrieval")
         report["retrieval"] = bench_retrieval(bot, args.data_dir, args.queries)
+    if bot.crisis is not None:
+        logger.info("Timing the crisis screen")
+        report["screen"] = bench_screen(bot, args.data_dir, args.queries)
+    if bot.selector is not None and bot.retriever is not None:
+        logger.info("Timing reply selection")
+        report["selection"] = bench_selection(bot, args.data_dir, args.queries)
     if not args.skip_index_build:
         logger.info("Timing an index build on %d texts", args.index_texts)
         report["index_build"] = bench_index_build(bot, args.data_dir, args.index_texts)
