@@ -7,7 +7,7 @@ KV cache.
 
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
 * `OrtBackend` runs an ONNX export of the same model (`export_onnx`, cached with a manifest) through
-  onnxruntime-genai. The LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is
+  onnxruntime-genai's C API (`chatbot.oga`: its Python bindings hold the GIL through every model call). The LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is
   zero (adapter off = base model), switched per generator. onnxruntime-genai decodes one prompt per generator
   (a batch must share the adapter and, without padding, the prompt), so rows with the same prompt and adapter
   (a message's candidates) share a generator and the generators of one request step side by side in threads;
@@ -46,6 +46,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from chatbot import oga
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
@@ -231,8 +232,8 @@ class TorchBackend:
 class OnnxModel:
     """A loaded ONNX export: the onnxruntime-genai model, its run-time adapter (if any) and its manifest."""
 
-    model: object  # onnxruntime_genai.Model
-    adapters: object | None  # onnxruntime_genai.Adapters with TUNED_ADAPTER loaded
+    model: oga.Model
+    adapters: oga.Adapters | None  # with TUNED_ADAPTER loaded
     manifest: dict
     path: Path
 
@@ -244,28 +245,20 @@ class OrtBackend:
 
     def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
         """Group the rows and create one generator per group (no model call yet)."""
-        import onnxruntime_genai as og
-
-        self.og = og
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault((row.prompt, row.adapter), []).append(i)
         self.groups = list(groups.items())
         self.generators = []
         for (prompt, adapter), members in self.groups:
-            params = og.GeneratorParams(onnx.model)
-            # Our own token choice arrives as logits (see `step`): the engine's search must add nothing to it.
-            params.set_search_options(max_length=len(prompt) + max_new_tokens + 1, batch_size=len(members),
-                                      do_sample=False, repetition_penalty=1.0)
-            generator = og.Generator(onnx.model, params)
-            if adapter and onnx.adapters is not None:
-                generator.set_active_adapter(onnx.adapters, TUNED_ADAPTER)
-            self.generators.append(generator)
+            # Our own token choice arrives as logits (see `step`): the engine's greedy search adds nothing to it.
+            self.generators.append(oga.Generator(onnx.model, len(prompt) + max_new_tokens + 1, len(members),
+                                                 onnx.adapters if adapter else None, TUNED_ADAPTER))
         self.rows, self.vocab = len(rows), 0
         self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
 
     def _map(self, fn: object, *args: Sequence) -> list:
-        """Run `fn` for every group, in parallel when there are several (ONNX Runtime releases the GIL)."""
+        """Run `fn` for every group, in parallel when there are several (`chatbot.oga` releases the GIL)."""
         if self.pool is None:
             return [fn(*a) for a in zip(*args)]
         return list(self.pool.map(fn, *args))
@@ -330,14 +323,12 @@ def _sources(chat: ChatModel) -> list[Path]:
 
 def export_manifest(chat: ChatModel, precision: str) -> dict:
     """What a cached export must match to be reused: sources, builder version, precision, format version."""
-    import onnxruntime_genai as og
-
     return {
         "format_version": EXPORT_FORMAT_VERSION,
         "base_model": chat.base_model,
         "adapter": str(chat.adapter_path) if chat.adapter_path else None,
         "source_sha256": files_sha256(_sources(chat)),
-        "builder": f"onnxruntime-genai {og.__version__}",
+        "builder": f"onnxruntime-genai {oga.version()}",
         "precision": precision,
     }
 
@@ -412,21 +403,19 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
 def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
     """The ONNX export of `chat` (built on first use), loaded; raises ExportError with the reason otherwise."""
     try:
-        import onnxruntime_genai as og
-    except ImportError as err:
-        raise ExportError("onnxruntime-genai is not installed (pip install onnxruntime-genai)") from err
+        oga.library()
+    except (ImportError, oga.OgaError) as err:
+        raise ExportError(f"onnxruntime-genai is not usable ({err}); pip install onnxruntime-genai") from err
     path = export_onnx(chat, precision)
     manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     try:
-        config = og.Config(str(path))
         # Every core, threads asleep between calls: spinning ones took the cores from concurrent requests' Python.
         options = {"intra_op_num_threads": cpu_threads(), "session.intra_op.allow_spinning": "0"}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        model = og.Model(config)
+        model = oga.Model(path, {"model": {"decoder": {"session_options": options}}})
         adapters = None
         if (path / ADAPTER_FILE).exists():
-            adapters = og.Adapters(model)
-            adapters.load(str(path / ADAPTER_FILE), TUNED_ADAPTER)
+            adapters = oga.Adapters(model)
+            adapters.load(path / ADAPTER_FILE, TUNED_ADAPTER)
     except Exception as err:  # a corrupt export: the caller falls back; the next start rebuilds it
         shutil.rmtree(path, ignore_errors=True)
         raise ExportError(f"the cached ONNX export at {path} could not be loaded ({err}); it was removed") from err
@@ -465,13 +454,7 @@ class ReplyText:
 
 def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], adapter: bool) -> torch.Tensor:
     """The ONNX export's logits at every position of one sequence (the engine's own prompt read)."""
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(onnx.model)
-    params.set_search_options(max_length=len(ids) + 1, batch_size=1)
-    generator = og.Generator(onnx.model, params)
-    if adapter and onnx.adapters is not None:
-        generator.set_active_adapter(onnx.adapters, TUNED_ADAPTER)
+    generator = oga.Generator(onnx.model, len(ids) + 1, 1, onnx.adapters if adapter else None, TUNED_ADAPTER)
     generator.append_tokens(np.array([ids], dtype=np.int32))
     return torch.from_numpy(np.asarray(generator.get_output("logits"), dtype=np.float32)).reshape(len(ids), -1)
 

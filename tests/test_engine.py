@@ -231,6 +231,38 @@ def test_onnx_engine_gives_transformers_greedy_tokens_base_tuned_and_mixed(shipp
 
 
 @pytest.mark.integration
+def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
+    """The app's event loop and other requests keep running during a model call (the GIL is released)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from chatbot import oga
+
+    generator = oga.Generator(onnx.model, 1201, 4)
+    prompt = np.array([encode(shipped, "My dog died today. " * 60)[:1200]] * 4, dtype=np.int32)
+    ticks, stop = [], threading.Event()
+
+    def tick() -> None:
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    time.sleep(0.05)
+    started = time.perf_counter()
+    generator.append_tokens(prompt)
+    took = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    during = [t for t in ticks if started <= t <= started + took]
+    gaps = np.diff([started, *during, started + took])
+    assert gaps.max() < took / 2, f"another thread waited {gaps.max():.2f} s of a {took:.2f} s model call"
+
+
+@pytest.mark.integration
 def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
     """Compare's shorter reply: its generator takes no further steps while the other reply goes on."""
     prompts = [encode(shipped, "Hello"), encode(shipped, "My sister is visiting next week!")]
