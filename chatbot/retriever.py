@@ -49,8 +49,8 @@ class RetrievedDialogue:
     row: int = -1  # position in the index (its reply's stored vector); -1: not from an index
 
     def to_dict(self) -> dict:
-        """Plain dict, for JSON."""
-        return asdict(self)
+        """Plain dict, for JSON (without `row`, which only this index's reader can use)."""
+        return {key: value for key, value in asdict(self).items() if key != "row"}
 
 
 def query_text(history: Sequence[Turn]) -> str:

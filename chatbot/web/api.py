@@ -55,7 +55,7 @@ def make_api(bot: EmpatheticChatbot) -> tuple[Callable, Callable]:
         """Reply to `message` after `history` ([{"role": "user"|"assistant", "content": str}, ...]).
 
         Returns the reply text, the detected emotion label ("" when none) and the retrieved dialogues
-        (a list of {score, emotion, situation, context, response, conv_id, row}; row: its place in the index).
+        (a list of {score, emotion, situation, context, response, conv_id}).
         """
         message = check_message(message)
         history = check_history(history)
