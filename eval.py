@@ -398,7 +398,9 @@ def results_markdown(results: dict) -> str:
                ("mean_length", "words"), ("semantic_similarity", "MiniLM cos"), ("bertscore", "BERTScore")]),
         "## Failure rates and speed",
         table([("echo_pct", "echo %"), ("repeat_3gram_pct", "repeats a 3-gram %"), ("empty_pct", "empty %"),
-               ("replaced_pct", "replaced by the safety screen %"), ("seconds_per_reply", "s / reply (median)")]),
+               ("replaced_pct", "replaced by the safety screen %"),
+               ("retrieved_reply_pct", "shown reply is a person's, from the data set %"),
+               ("seconds_per_reply", "s / reply (median)")]),
         "## Emotion detection and retrieval (once per run)",
         proto["emotion"],
         markdown_table(["measure", "ours", "anchor"], [
