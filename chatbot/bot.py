@@ -448,8 +448,9 @@ class EmpatheticChatbot:
             candidate.rejected = unfit(candidate.text, conversation)
         fit = [i for i, candidate in enumerate(reply.candidates) if not candidate.rejected]
         if fit and self.selector is not None:
-            known = dict(zip((r.response for r in reply.retrieved), self.retriever.reply_vectors(reply.retrieved))) \
-                if reply.retrieved else {}
+            # Replies retrieved from this bot's index come with stored vectors: only the rest is embedded.
+            stored = [r for r in reply.retrieved if r.row >= 0] if self.retriever is not None else []
+            known = dict(zip((r.response for r in stored), self.retriever.reply_vectors(stored))) if stored else {}
             scores = self.selector.score(context, [reply.candidates[i].text for i in fit], known)
             for i, score in zip(fit, scores):
                 reply.candidates[i].score = round(score, 4)

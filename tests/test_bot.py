@@ -194,7 +194,7 @@ class FakeSelector:
     def __init__(self, scores: dict[str, float]):
         self.scores, self.seen = scores, []
 
-    def score(self, context: str, candidates: list[str]) -> list[float]:
+    def score(self, context: str, candidates: list[str], known: dict | None = None) -> list[float]:
         self.seen.append(list(candidates))
         return [self.scores.get(text, 0.0) for text in candidates]
 
@@ -223,3 +223,23 @@ def test_selection_shows_the_best_fit_candidate_and_never_a_rejected_one(tiny_ch
                                                    "rejected": None}
     plain = bot.respond("My dog died today.", settings=PRESETS["chat"], system="tuned+rag")
     assert plain.text == "I see. Tell me more." and not plain.from_dataset and len(plain.candidates) == 1
+
+
+def test_selection_embeds_only_the_generated_candidates(tiny_chat, synthetic_index, embedder, monkeypatch):
+    """Retrieved replies are scored with their vectors from the index, not embedded again."""
+    import numpy as np
+
+    import chatbot.selector as selector_module
+    from chatbot.retriever import Retriever
+    from chatbot.selector import ResponseSelector
+
+    bot = EmpatheticChatbot(tiny_chat, Retriever(synthetic_index, embedder),
+                            selector=ResponseSelector(embedder, np.eye(384), np.eye(384)))
+    generated = "I see. Tell me more about it."
+    monkeypatch.setattr(bot, "_generate", lambda prompts, settings, adapters, counts: iter(
+        [[[generated] * n for n in counts]]))
+    embedded, real = [], selector_module.embed
+    monkeypatch.setattr(selector_module, "embed", lambda model, texts: embedded.extend(texts) or real(model, texts))
+    reply = bot.respond("My goldfish died this morning.", settings=PRESETS["chat"])
+    assert reply.retrieved and all(c.score is not None for c in reply.candidates)
+    assert embedded[1:] == [generated]  # the dialogue, then the one distinct generated text
