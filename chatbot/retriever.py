@@ -19,7 +19,7 @@ from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example, Turn, data_checksum, load_examples
 from chatbot.embeddings import EMBEDDER_NAME, EMBEDDER_PRECISION, embed, load_embedder
-from chatbot.runtime import DEFAULT_SEED
+from chatbot.runtime import DEFAULT_SEED, cpu_threads
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +287,9 @@ class Retriever:
         excludes = [set(e) for e in exclude_conv_ids] if exclude_conv_ids else [set()] * len(vectors)
         # Excluded conversations have at most a handful of entries; over-fetch so k usually remain.
         fetch = min(len(self.records), k + 8 * max((len(e) for e in excludes), default=0))
+        # One query (a chat message): starting OpenMP's threads costs more than they save, and concurrent
+        # requests use the other cores anyway; batches (evaluation, training) keep every core.
+        faiss.omp_set_num_threads(1 if len(vectors) == 1 else cpu_threads())
         scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
         results = []
         for row_scores, row_ids, exclude in zip(scores, ids, excludes):
