@@ -263,6 +263,27 @@ def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
 
 
 @pytest.mark.integration
+def test_requests_served_side_by_side_get_the_replies_they_get_alone(shipped, onnx):
+    """Users served together (threads calling the engine at once, GIL released) get exactly their own replies."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bot = EmpatheticChatbot(shipped, onnx=onnx)
+    messages = ["My dog died today. I am so sad.", "I finally got the job I wanted!",
+                "My sister is visiting next week!", "I failed my driving test again."]
+
+    def reply(message: str) -> tuple[str, str]:
+        answer = bot.respond(message, settings=GREEDY, system="tuned")
+        return answer.engine, answer.text
+
+    alone = [reply(m) for m in messages]
+    with ThreadPoolExecutor(len(messages)) as pool:
+        assert list(pool.map(reply, messages)) == alone
+    assert {engine_name for engine_name, _ in alone} == {"onnxruntime-genai"}
+    *_, (left, right) = bot.compare_stream(messages[0], "base", "tuned", settings=GREEDY)
+    assert right.text == alone[0][1] and left.text == bot.respond(messages[0], settings=GREEDY, system="base").text
+
+
+@pytest.mark.integration
 def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
     """Compare's shorter reply: its generator takes no further steps while the other reply goes on."""
     prompts = [encode(shipped, "Hello"), encode(shipped, "My sister is visiting next week!")]
