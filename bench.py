@@ -336,7 +336,7 @@ def bench_selection(bot: object, data_dir: str | None, queries: int, warmup: int
     timings: dict[str, list[float]] = {"stored_vectors": [], "all_embedded": []}
     for i, (context, row) in enumerate(zip(contexts, hits)):
         candidates = fresh[i] + [h.response for h in row]
-        known = dict(zip((h.response for h in row), bot.retriever.reply_vectors(row)))
+        known = dict(zip((h.response for h in row), bot.retriever.reply_vectors([h.row for h in row])))
         for name, vectors in (("stored_vectors", known), ("all_embedded", None)):
             started = time.perf_counter()
             bot.selector.score(context, candidates, vectors)

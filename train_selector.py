@@ -1,7 +1,7 @@
 """Train the response selector (assets/selector/) on Empathetic Dialogues and measure P@1,N on the test split.
 
-`python train_selector.py` embeds every train listener reply once with the shared MiniLM (cached), takes each
-dialogue's embedding from the retrieval index, mines one hard negative per dialogue (the reply of a similar
+`python train_selector.py` takes each train dialogue's and each listener reply's embedding from the retrieval
+index (format v2 stores both), mines one hard negative per dialogue (the reply of a similar
 dialogue from another conversation, via the index), fits the selector with MultipleNegativesRankingLoss, keeps the
 epoch that ranks best on the valid split, and reports P@1,100 / P@1,10 of the untuned MiniLM and of the selector
 on the test split (eval.py's protocol).
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
               "(built from other data?); rebuild it: python build_index.py", file=sys.stderr)
         return 2
     contexts = np.stack(stored)
-    # Every index reply is embedded (not only the sampled ones): hard negatives may come from any of them.
-    all_replies = embed_cached(embedder, [r["response"] for r in retriever.records], "train-replies")
+    # Every index reply's stored vector (not only the sampled ones): hard negatives may come from any of them.
+    all_replies = retriever.reply_vectors(range(len(retriever)))
     positions = {(r["conv_id"], r["context"], r["response"]): i for i, r in enumerate(retriever.records)}
     replies = all_replies[[positions[(ex.conv_id, query_text(ex.history), ex.reply)] for ex in train]]
     negatives_at = hard_negatives(retriever, contexts, train, tuple(args.negative_ranks), args.seed)

@@ -258,9 +258,9 @@ class Retriever:
     def __len__(self) -> int:
         return len(self.records)
 
-    def reply_vectors(self, hits: Sequence[RetrievedDialogue]) -> np.ndarray:
-        """The stored embedding of each retrieved dialogue's listener reply, (len(hits), dim)."""
-        return np.asarray(self._reply_vectors[[hit.row for hit in hits]], dtype=np.float32)
+    def reply_vectors(self, rows: Sequence[int]) -> np.ndarray:
+        """The stored embeddings of the listener replies at these index rows (`RetrievedDialogue.row`), (n, dim)."""
+        return np.asarray(self._reply_vectors[list(rows)], dtype=np.float32)
 
     def stored_vectors(self, examples: Sequence[Example]) -> list[np.ndarray | None]:
         """The index's own vector for each example it contains (matched by conversation, context and reply)."""

@@ -35,7 +35,7 @@ def test_flat_search_equals_brute_force(small_index, synthetic_data, embedder):
 def test_stored_reply_vectors_are_the_replies_embeddings(small_index, embedder):
     """Reply selection takes a retrieved reply's vector from the index instead of embedding it again."""
     hits = Retriever(small_index, embedder).search([Turn(SPEAKER, "my pet fish died")], k=3)
-    stored = Retriever(small_index, embedder).reply_vectors(hits)
+    stored = Retriever(small_index, embedder).reply_vectors([h.row for h in hits])
     assert stored.shape == (3, 384)
     assert np.allclose(stored, embed(embedder, [h.response for h in hits]), atol=1e-5)
 
