@@ -3,8 +3,8 @@
 Writes assets/results/bench.json and bench.md (medians and p95 after a warm-up): model load (first start with
 the GGUF conversion, and a cached start), time to first token and decode speed for a fixed prompt (greedy,
 64 new tokens) next to plain fp32 `model.generate` as the baseline, full reply latency with and without
-retrieval, retrieval query latency, the crisis screen and reply selection per message, index build throughput, app start-up, Compare vs one reply, a load test
-through the app's API, and the int8 copy's held-out perplexity next to fp32. Run it on an otherwise idle
+retrieval, retrieval query latency, the crisis screen and reply selection per message, index build throughput,
+app start-up, Compare vs one reply, a load test through the app's API, and the int8 copy's held-out perplexity next to fp32. Run it on an otherwise idle
 machine: other work on the CPU makes every figure meaningless.
 """
 
@@ -336,7 +336,7 @@ def bench_selection(bot: object, data_dir: str | None, queries: int, warmup: int
     timings: dict[str, list[float]] = {"stored_vectors": [], "all_embedded": []}
     for i, (context, row) in enumerate(zip(contexts, hits)):
         candidates = fresh[i] + [h.response for h in row]
-        known = dict(zip((h.response for h in row), bot.retriever.reply_vectors([h.row for h in row])))
+        known = bot.retriever.known_replies(row)
         for name, vectors in (("stored_vectors", known), ("all_embedded", None)):
             started = time.perf_counter()
             bot.selector.score(context, candidates, vectors)

@@ -449,8 +449,7 @@ class EmpatheticChatbot:
         fit = [i for i, candidate in enumerate(reply.candidates) if not candidate.rejected]
         if fit and self.selector is not None:
             # Replies retrieved from this bot's index come with stored vectors: only the rest is embedded.
-            stored = [r for r in reply.retrieved if r.row >= 0] if self.retriever is not None else []
-            known = dict(zip((r.response for r in stored), self.retriever.reply_vectors([r.row for r in stored]))) if stored else {}
+            known = self.retriever.known_replies(reply.retrieved) if self.retriever is not None else {}
             scores = self.selector.score(context, [reply.candidates[i].text for i in fit], known)
             for i, score in zip(fit, scores):
                 reply.candidates[i].score = round(score, 4)

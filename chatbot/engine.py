@@ -7,10 +7,11 @@ KV cache.
 
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
 * `OrtBackend` runs an ONNX export of the same model (`export_onnx`, cached with a manifest) through
-  onnxruntime-genai's C API (`chatbot.oga`: its Python bindings hold the GIL through every model call). The LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is
-  zero (adapter off = base model), switched per generator. onnxruntime-genai decodes one prompt per generator
-  (a batch must share the adapter and, without padding, the prompt), so rows with the same prompt and adapter
-  (a message's candidates) share a generator and the generators of one request step side by side in threads;
+  onnxruntime-genai's C API (`chatbot.oga`: its Python bindings hold the GIL through every model call). The
+  LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is zero (adapter off =
+  base model), switched per generator. onnxruntime-genai decodes one prompt per generator (a batch must share
+  the adapter and, without padding, the prompt), so rows with the same prompt and adapter (a message's
+  candidates) share a generator and the generators of one request step side by side in threads;
   the session runs concurrent requests too, so users are not serialised behind one lock.
 
 Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
@@ -237,6 +238,10 @@ class OnnxModel:
     manifest: dict
     path: Path
 
+    def generator(self, max_length: int, batch_size: int, adapter: bool) -> oga.Generator:
+        """A plain greedy generator for `batch_size` rows, with the tuned adapter on or off."""
+        return oga.Generator(self.model, max_length, batch_size, self.adapters if adapter else None, TUNED_ADAPTER)
+
 
 class OrtBackend:
     """onnxruntime-genai generators: one per distinct (prompt, adapter) group, stepped side by side."""
@@ -252,8 +257,7 @@ class OrtBackend:
         self.generators = []
         for (prompt, adapter), members in self.groups:
             # Our own token choice arrives as logits (see `step`): the engine's greedy search adds nothing to it.
-            self.generators.append(oga.Generator(onnx.model, len(prompt) + max_new_tokens + 1, len(members),
-                                                 onnx.adapters if adapter else None, TUNED_ADAPTER))
+            self.generators.append(onnx.generator(len(prompt) + max_new_tokens + 1, len(members), adapter))
         self.rows, self.vocab = len(rows), 0
         self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
 
@@ -454,7 +458,7 @@ class ReplyText:
 
 def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], adapter: bool) -> torch.Tensor:
     """The ONNX export's logits at every position of one sequence (the engine's own prompt read)."""
-    generator = oga.Generator(onnx.model, len(ids) + 1, 1, onnx.adapters if adapter else None, TUNED_ADAPTER)
+    generator = onnx.generator(len(ids) + 1, 1, adapter)
     generator.append_tokens(np.array([ids], dtype=np.int32))
     return torch.from_numpy(np.asarray(generator.get_output("logits"), dtype=np.float32)).reshape(len(ids), -1)
 

@@ -262,6 +262,11 @@ class Retriever:
         """The stored embeddings of the listener replies at these index rows (`RetrievedDialogue.row`), (n, dim)."""
         return np.asarray(self._reply_vectors[list(rows)], dtype=np.float32)
 
+    def known_replies(self, hits: Sequence[RetrievedDialogue]) -> dict[str, np.ndarray]:
+        """Retrieved listener replies by text, with their stored vectors (dialogues not from this index left out)."""
+        stored = [hit for hit in hits if hit.row >= 0]
+        return dict(zip((hit.response for hit in stored), self.reply_vectors([hit.row for hit in stored])))
+
     def stored_vectors(self, examples: Sequence[Example]) -> list[np.ndarray | None]:
         """The index's own vector for each example it contains (matched by conversation, context and reply)."""
         found = []

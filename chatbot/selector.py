@@ -57,27 +57,23 @@ class ResponseSelector:
         contexts = _normalise(context_vectors @ self.context_map.T)
         return [_normalise(cands @ self.reply_map.T) @ ctx for ctx, cands in zip(contexts, candidate_vectors)]
 
-    def score_many(self, contexts: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
-        """Scores of each dialogue's candidates; every distinct text is embedded once."""
-        replies = list(dict.fromkeys(c for row in candidates for c in row))
-        vectors = embed(self.embedder, [*contexts, *replies])  # one call: per-call overhead is most of a message's cost
-        context_vectors, reply_vectors = vectors[:len(contexts)], vectors[len(contexts):]
-        position = {text: i for i, text in enumerate(replies)}
-        return self.score_vectors(context_vectors, [reply_vectors[[position[c] for c in row]] for row in candidates])
+    def score_many(self, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
+                   known: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Scores of each dialogue's candidates; every distinct text not in `known` is embedded once.
+
+        `known`: candidate vectors already at hand by text (retrieved replies' from the index).
+        """
+        known = known or {}
+        fresh = list(dict.fromkeys(c for row in candidates for c in row if c not in known))
+        vectors = embed(self.embedder, [*contexts, *fresh])  # one call: per-call overhead is most of a message's cost
+        lookup = {**known, **dict(zip(fresh, vectors[len(contexts):]))}
+        return self.score_vectors(vectors[:len(contexts)], [np.stack([lookup[c] for c in row]) for row in candidates])
 
     def score(self, context: str, candidates: Sequence[str], known: Mapping[str, np.ndarray] | None = None) -> list[float]:
-        """Score each candidate as a reply to `context` (a dialogue as `query_text` writes it).
-
-        `known`: vectors already at hand by text (retrieved replies' from the index); only the rest is embedded.
-        """
+        """Score each candidate as a reply to `context` (a dialogue as `query_text` writes it); see `score_many`."""
         if not candidates:
             return []
-        known = known or {}
-        fresh = list(dict.fromkeys(c for c in candidates if c not in known))
-        vectors = embed(self.embedder, [context, *fresh])
-        lookup = {**known, **dict(zip(fresh, vectors[1:]))}
-        scores = self.score_vectors(vectors[:1], [np.stack([lookup[c] for c in candidates])])[0]
-        return [float(s) for s in scores]
+        return [float(s) for s in self.score_many([context], [candidates], known)[0]]
 
     def save(self, out_dir: Path, extra: dict | None = None) -> Path:
         """Write the two maps and a manifest (format, kind, embedder, context turns, plus `extra`)."""

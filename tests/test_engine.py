@@ -238,9 +238,7 @@ def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
 
     import numpy as np
 
-    from chatbot import oga
-
-    generator = oga.Generator(onnx.model, 1201, 4)
+    generator = onnx.generator(1201, 4, adapter=False)
     prompt = np.array([encode(shipped, "My dog died today. " * 60)[:1200]] * 4, dtype=np.int32)
     ticks, stop = [], threading.Event()
 
