@@ -8,9 +8,11 @@ sentence-transformers.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import shutil
 import warnings
 import weakref
 from pathlib import Path
@@ -44,6 +46,7 @@ ONNX_TOLERANCE = 1e-4
 ONNX_BATCH = 16
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _ONNX_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> OnnxEncoder
+_EXPORT_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> its export's cache key
 
 
 class _LastHidden(torch.nn.Module):
@@ -90,9 +93,8 @@ class OnnxEncoder:
         return vectors
 
 
-def export_embedder(model: SentenceTransformer, source: Path) -> Path:
-    """The embedder's transformer as ONNX, exported once into the cache (named by its weights' checksum)."""
-    key = files_sha256(model_files(source))[:16]
+def export_embedder(model: SentenceTransformer, key: str) -> Path:
+    """The embedder's transformer as ONNX, exported once into the cache under `key` (its weights' checksum)."""
     target = cache_dir() / "onnx" / f"embedder-v{EMBEDDER_EXPORT_VERSION}-{key}"
     if (target / "model.onnx").exists():
         return target / "model.onnx"
@@ -106,15 +108,18 @@ def export_embedder(model: SentenceTransformer, source: Path) -> Path:
     return target / "model.onnx"
 
 
-def _attach_onnx(model: SentenceTransformer, source: Path) -> None:
+def _attach_onnx(model: SentenceTransformer, key: str) -> None:
     """Serve `embed` for this embedder from ONNX Runtime, once its vectors match sentence-transformers'."""
-    encoder = OnnxEncoder(export_embedder(model, source), model.tokenizer, model.max_seq_length)
+    path = export_embedder(model, key)
+    encoder = OnnxEncoder(path, model.tokenizer, model.max_seq_length)
     probe = ["I got a new puppy today!", "My grandmother passed away last week and I miss her terribly."]
     reference = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
     difference = float(np.abs(encoder(probe) - reference).max())
     if difference > ONNX_TOLERANCE:
+        shutil.rmtree(path.parent, ignore_errors=True)  # a stale or broken export: the next start builds it again
         raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")
     _ONNX_ENCODERS[model] = encoder
+    _EXPORT_KEYS[model] = key
 
 
 def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
@@ -138,10 +143,34 @@ def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> Sente
     model.max_seq_length = MAX_SEQ_LENGTH
     if target.type == "cpu" and engine_choice()[0] == "onnx" and Path(path).is_dir():
         try:
-            _attach_onnx(model, Path(path))
+            _attach_onnx(model, files_sha256(model_files(Path(path)))[:16])
         except Exception as err:  # onnxruntime missing, export failed, vectors differ: the embedder still works
             logger.warning("The embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
     return model
+
+
+def adapted_embedder(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray], digest: str) -> SentenceTransformer:
+    """A copy of `model` with a peft LoRA adapter (its arguments and state dict) merged into the transformer.
+
+    On ONNX Runtime when `model` is, exported once under a key naming both the base weights and the adapter's.
+    """
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.tuners.lora import LoraLayer
+
+    tuned = copy.deepcopy(model)
+    transformer = inject_adapter_in_model(LoraConfig(**lora), tuned[0].auto_model)
+    loaded = set_peft_model_state_dict(transformer, {name: torch.from_numpy(value) for name, value in weights.items()})
+    if loaded.unexpected_keys or any("lora_" in name for name in loaded.missing_keys):
+        raise ValueError(f"the adapter's weights do not fit the embedder ({loaded.unexpected_keys[:2]})")
+    for layer in transformer.modules():
+        if isinstance(layer, LoraLayer):
+            layer.merge()  # one matrix per layer again: the export and every call cost what the base model's do
+    if model in _EXPORT_KEYS:
+        try:
+            _attach_onnx(tuned, hashlib.sha256((_EXPORT_KEYS[model] + digest).encode()).hexdigest()[:16])
+        except Exception as err:  # as in load_embedder: the adapted copy still embeds, on sentence-transformers
+            logger.warning("The adapted embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
+    return tuned
 
 
 def embedder_engine(model: SentenceTransformer) -> str:

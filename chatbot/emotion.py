@@ -26,8 +26,15 @@ logger = logging.getLogger(__name__)
 
 EMOTION_DIR = ASSETS_DIR / "emotion"
 WEIGHTS_FILE = "classifier.npz"
-HASH_FEATURES = 2**15  # word uni+bigrams hashed into 32k columns: ~2 MB of float16 weights, few collisions
-NGRAMS = (1, 2)
+HASH_FEATURES = 2**15  # n-grams hashed into 32k columns: ~2 MB of float16 weights, few collisions
+# n-gram range per analyzer: word uni+bigrams keep the exact words; character 3-5-grams inside words also match
+# misspelt and inflected forms ("kil", "k1ll", "killing") that a word vocabulary treats as unrelated.
+NGRAMS = {"word": (1, 2), "char_wb": (3, 5)}
+
+
+def _hasher(n_features: int, analyzer: str) -> HashingVectorizer:
+    return HashingVectorizer(n_features=n_features, analyzer=analyzer, ngram_range=NGRAMS[analyzer],
+                             alternate_sign=False, norm=None)
 
 
 @dataclass(frozen=True)
@@ -54,20 +61,18 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 
 class LexicalFeatures:
-    """Sublinear TF-IDF over hashed word n-grams, L2-normalised (sklearn's TfidfTransformer, without state)."""
+    """Sublinear TF-IDF over hashed word (or character) n-grams, L2-normalised (sklearn's TfidfTransformer, without state)."""
 
-    def __init__(self, idf: np.ndarray):
-        """Wrap learned inverse document frequencies."""
+    def __init__(self, idf: np.ndarray, analyzer: str = "word"):
+        """Wrap learned inverse document frequencies for one of NGRAMS' analyzers."""
         self.idf = np.asarray(idf, dtype=np.float32)
-        self.hasher = HashingVectorizer(n_features=len(self.idf), ngram_range=NGRAMS, alternate_sign=False, norm=None)
+        self.hasher = _hasher(len(self.idf), analyzer)
 
     @staticmethod
-    def fit(texts: Sequence[str]) -> LexicalFeatures:
+    def fit(texts: Sequence[str], analyzer: str = "word") -> LexicalFeatures:
         """Learn smoothed idf from texts."""
-        counts = HashingVectorizer(n_features=HASH_FEATURES, ngram_range=NGRAMS, alternate_sign=False,
-                                   norm=None).transform(texts)
-        df = np.bincount(counts.indices, minlength=HASH_FEATURES)
-        return LexicalFeatures(np.log((1 + len(texts)) / (1 + df)) + 1)
+        df = np.bincount(_hasher(HASH_FEATURES, analyzer).transform(texts).indices, minlength=HASH_FEATURES)
+        return LexicalFeatures(np.log((1 + len(texts)) / (1 + df)) + 1, analyzer)
 
     def transform(self, texts: Sequence[str]) -> sparse.csr_matrix:
         """Feature rows for texts."""

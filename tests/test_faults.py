@@ -251,6 +251,7 @@ def test_embedder_failing_still_screens_for_crisis_and_replies_without_retrieval
         raise RuntimeError("embedding failed (simulated)")
 
     monkeypatch.setattr(bot.embedder, "encode", failing)
+    monkeypatch.setattr(bot.crisis.embedder, "encode", failing)  # the screen's copy, with its adapter merged
     monkeypatch.setattr(embeddings, "_ONNX_ENCODERS", {})  # so the ONNX Runtime path falls to the failing one too
     crisis = bot.respond("I want to kill myself tonight.", settings=GREEDY)
     assert crisis.kind == "crisis"  # the patterns still screen without the embedder

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from chatbot.bot import MAX_MESSAGE_CHARS, EmpatheticChatbot
-from chatbot.embeddings import embed, load_embedder
+from chatbot.embeddings import embed, embedder_engine, load_embedder
 from chatbot.generation import PRESETS
 from chatbot.runtime import PROJECT_ROOT
 from chatbot.safety import (
@@ -27,21 +27,33 @@ from chatbot.safety import (
     normalise,
     screen_reply,
 )
-from chatbot.safety.classifier import HELDOUT_SENTENCES, TRAIN_SENTENCES, load_sentences, near_duplicates
+from chatbot.safety.classifier import (
+    HELDOUT_SETS,
+    TRAIN_SENTENCES,
+    EncoderTuning,
+    load_sentences,
+    near_duplicates,
+    tune_encoder,
+)
 from chatbot.safety.screen import score_screen
 from tests.crisis_probes import CRISIS_NEGATIVES, CRISIS_POSITIVES
 
-HELDOUT_SHA256 = "51d3d4d4b44bbcc4402d692508bae4566fa4d690ed5fec52a14a6100f086e4a3"
+HELDOUT_SHA256 = {
+    "heldout.jsonl": "51d3d4d4b44bbcc4402d692508bae4566fa4d690ed5fec52a14a6100f086e4a3",
+    "heldout-2.jsonl": "383c5c139127c5ce21816681152bad0b36c865b0ddb64ceda13a32e3a4552bf4",
+}
 MAX_OVERLAP = 0.9  # no training sentence may embed this close to a held-out or probe sentence
-# The issue's target is 90% recall with at most 5% false alarms; these floors are what the screen reaches today
-# (README, Safety): the tests keep it from getting worse, the README says what is still missing.
-HELDOUT_MIN_RECALL_ANY_TIER = 0.85
-HELDOUT_MIN_RECALL_CRISIS = 0.75
-HELDOUT_MAX_FALSE_ALARMS_CRISIS = 0.05
-HELDOUT_MAX_FALSE_ALARMS_ANY_TIER = 0.08
+# The issue's target on each frozen held-out set, counting both tiers (both show the resources): recall >= 90%,
+# false alarms <= 5%. The first set misses the false-alarm bound by one sentence (README: Safety): its bound is what
+# it reaches today, so the test keeps it from getting worse. The crisis tier alone keeps today's figures too.
+HELDOUT_MIN_RECALL_ANY_TIER = 0.90
+HELDOUT_MAX_FALSE_ALARMS_ANY_TIER = {"heldout.jsonl": 0.06, "heldout-2.jsonl": 0.05}
+HELDOUT_MIN_RECALL_CRISIS = 0.80
+HELDOUT_MAX_FALSE_ALARMS_CRISIS = 0.03
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=4)
 TRAIN = load_sentences(TRAIN_SENTENCES)
-HELDOUT = load_sentences(HELDOUT_SENTENCES)
+HELDOUT = {path.name: load_sentences(path) for path in HELDOUT_SETS}
+EVALUATION = [s.text for sentences in HELDOUT.values() for s in sentences] + CRISIS_POSITIVES + CRISIS_NEGATIVES
 
 HYPERBOLE = [
     "this thesis is killing me",
@@ -78,7 +90,7 @@ class FakeClassifier(SafetyClassifier):
     """P(crisis) 0.99 for texts holding 'red', 0.7 for 'amber', else 0.01; thresholds 0.9 and 0.5."""
 
     def __init__(self) -> None:
-        super().__init__(np.zeros(1, np.float32), 0.0, np.zeros(0, np.float32), 0.9, 0.5)
+        super().__init__(np.zeros(1, np.float32), 0.0, np.zeros(0, np.float32), np.zeros(0, np.float32), 0.9, 0.5)
 
     def probabilities(self, texts: list[str], vectors: np.ndarray) -> np.ndarray:
         return np.array([0.99 if "red" in t else 0.7 if "amber" in t else 0.01 for t in texts])
@@ -93,8 +105,9 @@ def fake_screen() -> CrisisScreen:
 # ----------------------------------------------------------------------------------------- the data
 
 
-def test_heldout_set_is_frozen():
-    assert hashlib.sha256(HELDOUT_SENTENCES.read_bytes()).hexdigest() == HELDOUT_SHA256
+@pytest.mark.parametrize("path", HELDOUT_SETS, ids=lambda path: path.name)
+def test_heldout_sets_are_frozen(path):
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == HELDOUT_SHA256[path.name]
 
 
 def test_training_set_is_large_and_covers_every_kind():
@@ -105,12 +118,13 @@ def test_training_set_is_large_and_covers_every_kind():
                       "asking_for_a_friend", "other_language"}
     assert safe >= {"hyperbole", "fiction", "news", "grief", "resolved_past", "concern_for_others", "benign_goodbye"}
     assert {s.lang for s in TRAIN if s.is_crisis} >= {"en", "es", "fr", "de", "pt"}
-    assert len(HELDOUT) >= 200 and sum(s.is_crisis for s in HELDOUT) >= 100
+    for sentences in HELDOUT.values():
+        assert len(sentences) >= 200 and sum(s.is_crisis for s in sentences) >= 100
 
 
 def test_no_sentence_is_copied_between_training_and_evaluation():
     key = lambda text: normalise(text).strip(" .!?")  # noqa: E731
-    evaluation = {key(s.text) for s in HELDOUT} | {key(p) for p in CRISIS_POSITIVES + CRISIS_NEGATIVES}
+    evaluation = {key(text) for text in EVALUATION}
     assert not [s.text for s in TRAIN if key(s.text) in evaluation]
 
 
@@ -124,24 +138,26 @@ def overlapping(train: list[str], others: list[str]) -> list[str]:
 
 @pytest.mark.integration
 def test_no_training_sentence_embeds_near_a_heldout_or_probe_sentence():
-    others = [s.text for s in HELDOUT] + CRISIS_POSITIVES + CRISIS_NEGATIVES
-    assert not overlapping([s.text for s in TRAIN], others)
-    # The check itself: a paraphrase of a held-out sentence is caught.
-    assert overlapping(["I'm about to do a thing to myself that I can't take back."], others)
+    assert not overlapping([s.text for s in TRAIN], EVALUATION)
+    # The check itself: a paraphrase of a sentence from either held-out set is caught.
+    assert overlapping(["I'm about to do a thing to myself that I can't take back."], EVALUATION)
+    assert overlapping(["I handed my jewelry out to friends, I won't need it where I'm going."], EVALUATION)
 
 
 # ----------------------------------------------------------------------------------------- the figures
 
 
 @pytest.mark.integration
-def test_heldout_recall_and_false_alarms(screen):
-    scores = score_screen(screen, [s.text for s in HELDOUT], [s.is_crisis for s in HELDOUT])
+@pytest.mark.parametrize("name", HELDOUT)
+def test_heldout_recall_and_false_alarms(screen, name):
+    sentences = HELDOUT[name]
+    scores = score_screen(screen, [s.text for s in sentences], [s.is_crisis for s in sentences])
     details = "\n".join([f"  missed: {m}" for m in scores.missed] + [f"  flagged: {f}" for f in scores.flagged])
-    print(f"\nheld-out: {scores.summary()}\n{details}")
+    print(f"\nheld-out {name}: {scores.summary()}\n{details}")
     assert scores.recall_any_tier >= HELDOUT_MIN_RECALL_ANY_TIER, details
     assert scores.recall >= HELDOUT_MIN_RECALL_CRISIS, details
     assert scores.false_alarms <= HELDOUT_MAX_FALSE_ALARMS_CRISIS, details
-    assert scores.false_alarms_any_tier <= HELDOUT_MAX_FALSE_ALARMS_ANY_TIER, details
+    assert scores.false_alarms_any_tier <= HELDOUT_MAX_FALSE_ALARMS_ANY_TIER[name], details
 
 
 @pytest.mark.integration
@@ -157,10 +173,50 @@ def test_shipped_classifier_states_its_thresholds_and_figures():
     classifier = SafetyClassifier.load()
     manifest = classifier.manifest
     assert 0 < classifier.concern_threshold <= classifier.crisis_threshold < 1
-    assert manifest["heldout"]["sha256"] == HELDOUT_SHA256
-    assert manifest["heldout"]["max_training_overlap_cosine"] < MAX_OVERLAP
     assert {"embedder", "version", "threshold_rules", "validation_rates", "train_sentences"} <= set(manifest)
-    assert {"recall", "false_alarms", "recall_any_tier", "false_alarms_any_tier"} <= set(manifest["heldout"]["screen"])
+    assert [h["sha256"] for h in manifest["heldout"]] == [HELDOUT_SHA256[path.name] for path in HELDOUT_SETS]
+    for heldout in manifest["heldout"]:
+        assert heldout["max_training_overlap_cosine"] < MAX_OVERLAP
+        assert {"recall", "false_alarms", "recall_any_tier", "false_alarms_any_tier"} <= set(heldout["screen"])
+    assert manifest["encoder_adapter"]["lora"] == classifier.lora_config and classifier.lora_weights
+
+
+def test_classifier_round_trip_keeps_the_encoder_adapter_and_checks_it(tmp_path):
+    shipped = SafetyClassifier.load()
+    shipped.save(tmp_path)
+    loaded = SafetyClassifier.load(tmp_path)
+    assert loaded.lora_config == shipped.lora_config and loaded.lora_weights.keys() == shipped.lora_weights.keys()
+    for name, weights in shipped.lora_weights.items():
+        np.testing.assert_array_equal(loaded.lora_weights[name], weights)
+    arrays = dict(np.load(tmp_path / "classifier.npz"))
+    name = next(key for key in arrays if key.startswith("lora/"))
+    arrays[name] = arrays[name] + 1
+    np.savez(tmp_path / "classifier.npz", **arrays)
+    with pytest.raises(ClassifierLoadError, match="adapter"):
+        SafetyClassifier.load(tmp_path)
+
+
+@pytest.mark.integration
+def test_the_screen_reads_the_embedder_with_the_adapter_merged_on_onnx_runtime(screen):
+    texts = ["I gave my guitar away", "see you all tomorrow"]
+    shared = load_embedder()
+    assert embedder_engine(screen.embedder) == embedder_engine(shared) == "onnxruntime"
+    assert np.abs(embed(screen.embedder, texts) - embed(shared, texts)).max() > 0.01
+
+
+def test_tuning_the_encoder_pulls_the_two_labels_apart():
+    """A few LoRA epochs on labels the base embedder does not see (red vs blue objects) separate them."""
+    things = ["car", "kite", "door", "scarf", "mug", "bike", "chair", "hat", "tent", "pen"]
+    texts = [f"I painted the {thing} {colour} today" for colour in ("red", "blue") for thing in things]
+    is_red = np.array([True] * len(things) + [False] * len(things))
+    embedder = load_embedder()
+
+    def gap(vectors: np.ndarray) -> float:
+        similarity = vectors @ vectors.T
+        return float(similarity[is_red][:, is_red].mean() - similarity[is_red][:, ~is_red].mean())
+
+    tuned = tune_encoder(embedder, texts, is_red, EncoderTuning(epochs=3, batch_size=8), seed=0)
+    assert gap(embed(tuned, texts)) > gap(embed(embedder, texts)) + 0.05
 
 
 def test_classifier_loader_refuses_a_missing_or_foreign_artifact(tmp_path):

@@ -8,12 +8,12 @@ import statistics
 import time
 
 from chatbot.embeddings import load_embedder
-from chatbot.safety.classifier import HELDOUT_SENTENCES, TRAIN_SENTENCES, load_sentences
+from chatbot.safety.classifier import HELDOUT_SETS, TRAIN_SENTENCES, load_sentences
 from chatbot.safety.screen import CrisisScreen, score_screen
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Score the frozen held-out set, then time the screen on every held-out and training sentence."""
+    """Score the frozen held-out sets, then time the screen on every held-out and training sentence."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each message is screened for the timing (default: 3; the median is reported)")
@@ -23,9 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     screen = CrisisScreen(load_embedder(device=args.device))
-    heldout = load_sentences(HELDOUT_SENTENCES)
-    scores = score_screen(screen, [s.text for s in heldout], [s.is_crisis for s in heldout])
-    print(f"held-out ({HELDOUT_SENTENCES.name}): {scores.summary()}")
+    heldout = []
+    for path in HELDOUT_SETS:
+        sentences = load_sentences(path)
+        scores = score_screen(screen, [s.text for s in sentences], [s.is_crisis for s in sentences])
+        print(f"held-out ({path.name}): {scores.summary()}")
+        heldout += sentences
     messages = [s.text for s in heldout + load_sentences(TRAIN_SENTENCES)][: args.messages]
     for text in messages[:20]:  # warm-up
         screen.check(text)

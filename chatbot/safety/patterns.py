@@ -76,10 +76,12 @@ REPLACEMENTS: tuple[tuple[str, str | Callable[[re.Match[str]], str]], ...] = (
     (r"\s+", " "),
 )
 
-# Sentences (and around but/actually/though), then the clauses within a sentence that an exclusion can govern.
-SENTENCE_SPLIT = re.compile(
-    r"[.!?;:\n]+|\u2026|\s[-\u2013\u2014]+\s|\u2014|\bbut\b|\bactually\b|\bno wait\b|\bthough\b"
-)
+# Sentences as punctuation ends them: the parts the classifier scores. Cut at "but" as well, a clause reads as a
+# statement of its own that training never showed it ("..., but that's behind me" -> "that's behind me").
+SCORED_SPLIT = re.compile(r"[.!?;:\n]+|\u2026|\s[-\u2013\u2014]+\s|\u2014")
+# For the patterns, sentences and the parts around but/actually/though, then the clauses within a sentence that
+# an exclusion can govern.
+SENTENCE_SPLIT = re.compile(SCORED_SPLIT.pattern + r"|\bbut\b|\bactually\b|\bno wait\b|\bthough\b")
 CLAUSE_SPLIT = re.compile(r",|\band\b|\bso\b|\bbecause\b|\bnow\b|\bthen\b")
 
 # ---------------------------------------------------------------------------------------------------------

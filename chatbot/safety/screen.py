@@ -30,6 +30,7 @@ from chatbot.safety.patterns import (
     QUESTION_NOT_NEGATION,
     RELAPSE,
     REPLACEMENTS,
+    SCORED_SPLIT,
     SENTENCE_SPLIT,
     CrisisPattern,
 )
@@ -58,9 +59,9 @@ def normalise(text: str) -> str:
     return out.strip()
 
 
-def sentences(text: str) -> list[str]:
-    """Split a normalised message into sentences (and around but/actually/though)."""
-    parts = [p.strip(" ,'\"()") for p in SENTENCE_SPLIT.split(text)]
+def sentences(text: str, split: re.Pattern = SENTENCE_SPLIT) -> list[str]:
+    """Split a normalised message into sentences (by default also around but/actually/though)."""
+    parts = [p.strip(" ,'\"()") for p in split.split(text)]
     return [p for p in parts if p]
 
 
@@ -130,7 +131,7 @@ def match_patterns(text: str) -> tuple[str | None, list[str]]:
 def message_parts(text: str) -> list[str]:
     """What the classifier scores for one normalised message: the whole, each sentence, windows of long ones."""
     parts = [text.strip(" ,'\"().!?;:")]  # a one-sentence message is then scored once
-    for sentence in sentences(text):
+    for sentence in sentences(text, SCORED_SPLIT):
         words = sentence.split()
         parts.extend(" ".join(words[i:i + WINDOW_WORDS]) for i in range(0, len(words), WINDOW_WORDS // 2))
     unique = list(dict.fromkeys(parts))
@@ -144,9 +145,9 @@ class CrisisScreen:
     """Screens user messages for suicide or self-harm risk; without an embedder, with the patterns only."""
 
     def __init__(self, embedder: SentenceTransformer | None = None, classifier: SafetyClassifier | None = None):
-        """Keep the embedder; load the shipped classifier when an embedder is given and no classifier is."""
-        self.embedder = embedder
+        """Load the shipped classifier when an embedder is given and no classifier is; embed as that classifier reads."""
         self.classifier = classifier if classifier is not None or embedder is None else SafetyClassifier.load()
+        self.embedder = embedder if embedder is None or self.classifier is None else self.classifier.encoder(embedder)
         logger.info("Crisis screen ready: %s", "classifier and patterns" if self.classifier else "patterns only")
 
     def _probabilities(self, texts: list[str]) -> np.ndarray | None:
