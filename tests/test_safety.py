@@ -44,10 +44,9 @@ HELDOUT_SHA256 = {
 }
 MAX_OVERLAP = 0.9  # no training sentence may embed this close to a held-out or probe sentence
 # The target on each frozen held-out set, counting both tiers (both show the resources): recall >= 90%,
-# false alarms <= 5%. The first set misses the false-alarm bound by one sentence (README: Safety): its bound is what
-# it reaches today, so the test keeps it from getting worse. The crisis tier alone keeps today's figures too.
+# false alarms <= 5%. The crisis tier alone is held to what it reaches today, so it cannot get worse unseen.
 HELDOUT_MIN_RECALL_ANY_TIER = 0.90
-HELDOUT_MAX_FALSE_ALARMS_ANY_TIER = {"heldout.jsonl": 0.06, "heldout-2.jsonl": 0.05}
+HELDOUT_MAX_FALSE_ALARMS_ANY_TIER = 0.05
 HELDOUT_MIN_RECALL_CRISIS = 0.80
 HELDOUT_MAX_FALSE_ALARMS_CRISIS = 0.03
 GREEDY = PRESETS["greedy"].updated(max_new_tokens=4)
@@ -157,7 +156,7 @@ def test_heldout_recall_and_false_alarms(screen, name):
     assert scores.recall_any_tier >= HELDOUT_MIN_RECALL_ANY_TIER, details
     assert scores.recall >= HELDOUT_MIN_RECALL_CRISIS, details
     assert scores.false_alarms <= HELDOUT_MAX_FALSE_ALARMS_CRISIS, details
-    assert scores.false_alarms_any_tier <= HELDOUT_MAX_FALSE_ALARMS_ANY_TIER[name], details
+    assert scores.false_alarms_any_tier <= HELDOUT_MAX_FALSE_ALARMS_ANY_TIER, details
 
 
 @pytest.mark.integration
