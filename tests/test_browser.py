@@ -39,7 +39,11 @@ def browser():
 
 @pytest.fixture(scope="module")
 def tiny_bot_for_browser(gpt2_tokenizer, embedder, synthetic_data, tmp_path_factory):
-    return tiny_bot(gpt2_tokenizer, embedder, synthetic_data, tmp_path_factory.mktemp("browser") / "index")
+    bot = tiny_bot(gpt2_tokenizer, embedder, synthetic_data, tmp_path_factory.mktemp("browser") / "index")
+    # The random 2-layer model can write a whole reply between two looks of the page; a pause per decoding step
+    # keeps the reply growing in view on a busy machine too (the streaming test once saw only the final text).
+    bot.chat.model.register_forward_hook(lambda *_: time.sleep(0.02))
+    return bot
 
 
 @pytest.fixture(scope="module")
