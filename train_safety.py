@@ -6,7 +6,7 @@ training refuses to start when a training sentence embeds within --max-overlap c
 the held-out figures in the manifest are measured once, after the thresholds were chosen on the validation part of
 the training set.
 
-Usage: `python train_safety.py` (about 8 minutes on a 2-core CPU; --encoder-epochs 0 takes seconds).
+Usage: `python train_safety.py` (about 12 minutes on a 2-core CPU; --encoder-epochs 0 takes seconds).
 """
 
 from __future__ import annotations

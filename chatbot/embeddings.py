@@ -46,7 +46,6 @@ ONNX_TOLERANCE = 1e-4
 ONNX_BATCH = 16
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _ONNX_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> OnnxEncoder
-_EXPORT_KEYS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> its export's cache key
 
 
 class _LastHidden(torch.nn.Module):
@@ -74,6 +73,7 @@ class OnnxEncoder:
         # take the cores from the work that follows (README: Retrieval index).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = path
         self.tokenizer, self.max_length = tokenizer, max_length
 
     def __call__(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
@@ -119,7 +119,6 @@ def _attach_onnx(model: SentenceTransformer, key: str) -> None:
         shutil.rmtree(path.parent, ignore_errors=True)  # a stale or broken export: the next start builds it again
         raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")
     _ONNX_ENCODERS[model] = encoder
-    _EXPORT_KEYS[model] = key
 
 
 def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
@@ -165,9 +164,10 @@ def adapted_embedder(model: SentenceTransformer, lora: dict, weights: dict[str, 
     for layer in transformer.modules():
         if isinstance(layer, LoraLayer):
             layer.merge()  # one matrix per layer again: the export and every call cost what the base model's do
-    if model in _EXPORT_KEYS:
-        try:
-            _attach_onnx(tuned, hashlib.sha256((_EXPORT_KEYS[model] + digest).encode()).hexdigest()[:16])
+    base = _ONNX_ENCODERS.get(model)
+    if base is not None:
+        try:  # the key names the base export (its folder) and the adapter
+            _attach_onnx(tuned, hashlib.sha256((base.path.parent.name + digest).encode()).hexdigest()[:16])
         except Exception as err:  # as in load_embedder: the adapted copy still embeds, on sentence-transformers
             logger.warning("The adapted embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
     return tuned

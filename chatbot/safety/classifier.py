@@ -1,9 +1,11 @@
 """The learned part of the crisis screen: one logistic regression, two thresholds.
 
-Its features are the MiniLM sentence embedding (meaning) next to hashed word uni/bigram TF-IDF (the exact words:
-"never", "won't need", "goodbye" carry signal that the embedding blurs), the same lexical features as the emotion
-detector, and hashed character 3-5-gram TF-IDF (misspelt and slang forms the word features miss). `python train_safety.py` fits it on chatbot/safety/sentences/train.jsonl and writes assets/safety/
-(weights in classifier.npz, everything else in manifest.json); `SafetyClassifier.load` checks that manifest.
+Its features are the sentence embedding of MiniLM with a LoRA adapter trained for the screen (meaning), next to
+hashed word uni/bigram TF-IDF (the exact words: "never", "won't need", "goodbye" carry signal that the embedding
+blurs), the same lexical features as the emotion detector, and hashed character 3-5-gram TF-IDF (misspelt and
+slang forms the word features miss). `python train_safety.py` fits it on chatbot/safety/sentences/train.jsonl and
+writes assets/safety/ (weights and the adapter in classifier.npz, everything else in manifest.json);
+`SafetyClassifier.load` checks that manifest.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class EncoderTuning:
     lr: float = 5e-4  # for the LoRA weights (the head uses 1e-2); a full fine-tune at 3e-5 did no better
     rank: int = 8  # on all 36 linear layers; rank 16 did no better in validation
     batch_size: int = 32
+
+    @property
+    def lora(self) -> dict:
+        """peft LoraConfig arguments of the adapter (also what the manifest records)."""
+        return {"r": self.rank, "lora_alpha": 2 * self.rank, "target_modules": LORA_MODULES}
 
 
 class ClassifierLoadError(RuntimeError):
@@ -211,8 +218,7 @@ def tune_encoder(embedder: SentenceTransformer, texts: list[str], is_crisis: np.
 
     set_seed(seed)
     model = copy.deepcopy(embedder)
-    config = LoraConfig(r=tuning.rank, lora_alpha=2 * tuning.rank, lora_dropout=0.1, target_modules=LORA_MODULES)
-    inject_adapter_in_model(config, model[0].auto_model)  # peft's low-level API: adapter layers, no wrapper
+    inject_adapter_in_model(LoraConfig(**tuning.lora, lora_dropout=0.1), model[0].auto_model)  # peft's low-level API: adapter layers, no wrapper
     head = torch.nn.Linear(model.get_embedding_dimension(), 1).to(model.device)
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": tuning.lr},
                                    {"params": head.parameters(), "lr": 1e-2}])
@@ -283,10 +289,8 @@ def train_classifier(
     model, lexical = fit(everything, best_c, embed(tuned, texts))
     lora_config, lora_weights = None, {}
     if tuning.epochs:
-        transformer = tuned[0].auto_model
-        config = transformer.peft_config["default"]
-        lora_config = {"r": config.r, "lora_alpha": config.lora_alpha, "target_modules": sorted(config.target_modules)}
-        lora_weights = {k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(transformer).items()}
+        lora_config = tuning.lora
+        lora_weights = {k: v.detach().cpu().numpy() for k, v in get_peft_model_state_dict(tuned[0].auto_model).items()}
     embedding = f"MiniLM embedding with a LoRA adapter (rank {tuning.rank}, {tuning.epochs} epochs)" if tuning.epochs \
         else "MiniLM embedding"
     manifest = {
