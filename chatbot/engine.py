@@ -43,7 +43,6 @@ from transformers import (
     PreTrainedModel,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
-    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
@@ -57,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 TUNED_ADAPTER = "tuned"  # the run-time adapter's name inside onnxruntime-genai
-EXPORT_FORMAT_VERSION = 1  # bump when the export's layout changes: older cached exports are rebuilt
+EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -70,20 +69,33 @@ class ExportError(RuntimeError):
 
 
 def logits_processors(settings: GenerationSettings, sampling: bool) -> LogitsProcessorList:
-    """The processors `generate` applies for these settings, in its order, so both engines pick the same tokens."""
+    """The processors `generate` applies before its top-k / top-p cut, in its order (`Decoder` makes that cut).
+
+    Penalties, then temperature for sampled rows: it keeps the top token on top, so greedy rows of a mixed batch
+    are unaffected.
+    """
     processors = LogitsProcessorList()
     if settings.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
     if settings.no_repeat_ngram_size > 0:
         processors.append(NoRepeatNGramLogitsProcessor(settings.no_repeat_ngram_size))
-    if sampling:  # the warpers keep the top token on top, so greedy rows of a mixed batch are unaffected
-        if settings.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(settings.temperature))
-        if settings.top_k:
-            processors.append(TopKLogitsWarper(settings.top_k))
-        if settings.top_p < 1.0:
-            processors.append(TopPLogitsWarper(settings.top_p))
+    if sampling and settings.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(settings.temperature))
     return processors
+
+
+def sampling_distribution(scores: torch.Tensor, top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Probabilities after `generate`'s top-k then top-p cuts, over the k best tokens (`index`; None: all of them).
+
+    Top-p runs on the k best scores only: the distribution `generate`'s warpers give over the whole vocabulary (top-k
+    cuts the rest anyway), without sorting every score of every row at every step.
+    """
+    index = None
+    if top_k:
+        scores, index = scores.topk(min(top_k, scores.shape[-1]))
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return torch.softmax(scores, dim=-1), index
 
 
 def adapter_state(chat: ChatModel, adapter: bool) -> AbstractContextManager:
@@ -162,11 +174,16 @@ class Decoder:
         with torch.inference_mode():
             scores = self.processors(self.ids, logits.float())
             tokens = scores.argmax(-1)
-            for i, generator in enumerate(self.generators):
-                if generator is not None and not self.finished[i]:
-                    probs = torch.softmax(scores[i], dim=-1)
-                    tokens[i] = torch.multinomial(probs, 1, generator=generator)[0]
+            sampled = [i for i, g in enumerate(self.generators) if g is not None and not self.finished[i]]
+            if sampled:
+                tokens[sampled] = self._draw(scores[sampled], [self.generators[i] for i in sampled])
         return [self.pad_id if done else token for token, done in zip(tokens.tolist(), self.finished)]
+
+    def _draw(self, scores: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        """One seeded draw per row from the top-k / top-p distribution of its scores."""
+        probs, index = sampling_distribution(scores, self.settings.top_k, self.settings.top_p)
+        picks = torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
+        return picks if index is None else index.gather(1, picks[:, None])[:, 0]
 
     def __iter__(self) -> Iterator[list[int | None]]:
         """Yield each step's new token per row until every row has finished."""
@@ -391,8 +408,9 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
                    resolve_base_model(chat.base_model), "-o", str(tmp), "-p", precision, "-e", "cpu",
                    "-c", str(tmp / "hf-cache")]
-        if chat.adapter_path is not None:
-            command += ["--extra_options", f"adapter_path={chat.adapter_path}"]
+        # The LM head scores the last position only: reading a prompt skips a [prompt, vocabulary] product.
+        options = ["prune_lm_head=true"] + ([f"adapter_path={chat.adapter_path}"] if chat.adapter_path else [])
+        command += ["--extra_options", *options]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise ExportError(f"the ONNX model builder failed: {done.stderr.strip()[-500:]}")
@@ -456,11 +474,17 @@ class ReplyText:
         return None
 
 
-def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], adapter: bool) -> torch.Tensor:
-    """The ONNX export's logits at every position of one sequence (the engine's own prompt read)."""
+def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool) -> torch.Tensor:
+    """The ONNX export's next-token logits for ids[start:], read as the served path reads them.
+
+    The prompt ids[:start] in one call, then one token per call: the export's LM head scores the last position only.
+    """
     generator = onnx.generator(len(ids) + 1, 1, adapter)
-    generator.append_tokens(np.array([ids], dtype=np.int32))
-    return torch.from_numpy(np.asarray(generator.get_output("logits"), dtype=np.float32)).reshape(len(ids), -1)
+    rows = []
+    for chunk in [ids[:start], *([token] for token in ids[start:-1])]:
+        generator.append_tokens(np.array([chunk], dtype=np.int32))
+        rows.append(np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1))
+    return torch.from_numpy(np.stack(rows))
 
 
 def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, limit: int = 200,
@@ -487,8 +511,8 @@ def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, li
             target = torch.tensor(ids[start:])
             with torch.inference_mode(), adapter_state(chat, adapter):
                 reference = chat.model(input_ids=torch.tensor([ids], device=chat.model.device)).logits[0].float().cpu()
-            for name, logits in (("transformers", reference), ("served", _onnx_logits(onnx, ids, adapter))):
-                logprobs = torch.log_softmax(logits[start - 1:-1], dim=-1)
+            for name, logits in (("transformers", reference[start - 1:-1]), ("served", _onnx_logits(onnx, ids, start, adapter))):
+                logprobs = torch.log_softmax(logits, dim=-1)
                 totals[name] -= float(logprobs.gather(1, target[:, None]).sum())
             tokens += len(target)
         ppl = {name: math.exp(total / tokens) for name, total in totals.items()}

@@ -50,7 +50,6 @@ _SIGNATURES = {  # name: (argument types, return type); an OgaResult* return is 
     "OgaGenerator_TokenCount": ([c_void_p], c_size_t),
     "OgaGenerator_GetLogits": ([c_void_p, POINTER(c_void_p)], c_void_p),
     "OgaGenerator_SetLogits": ([c_void_p, c_void_p], c_void_p),
-    "OgaGenerator_GetOutput": ([c_void_p, c_char_p, POINTER(c_void_p)], c_void_p),
     "OgaCreateTensorFromBuffer": ([c_void_p, POINTER(c_int64), c_size_t, c_int, POINTER(c_void_p)], c_void_p),
     "OgaTensorGetType": ([c_void_p, POINTER(c_int)], c_void_p),
     "OgaTensorGetShapeRank": ([c_void_p, POINTER(c_size_t)], c_void_p),
@@ -201,7 +200,3 @@ class Generator:
             _check(library().OgaGenerator_SetLogits(self.handle, tensor))
         finally:
             library().OgaDestroyTensor(tensor)
-
-    def get_output(self, name: str) -> np.ndarray:
-        """A float32 model output of the last run (e.g. "logits" at every prompt position)."""
-        return _read_tensor(_create("OgaGenerator_GetOutput", self.handle, name.encode()))

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import SuppressTokensLogitsProcessor
+from transformers import SuppressTokensLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
 import chatbot.engine as engine
 from chatbot.bot import EmpatheticChatbot
@@ -66,12 +66,32 @@ def test_loop_matches_generate_greedy(tiny_chat, name):
         assert loop_tokens(tiny_chat, [prompt], settings)[0] == generate_tokens(tiny_chat, prompt, settings)
 
 
-def test_loop_matches_generate_seeded_sampling_and_ngram_ban(tiny_chat):
+def test_loop_matches_generate_greedy_with_the_ngram_ban(tiny_chat):
+    settings = preset("greedy").updated(max_new_tokens=16, no_repeat_ngram_size=2)
+    for text in PROMPTS:
+        prompt = encode(tiny_chat, text)
+        assert loop_tokens(tiny_chat, [prompt], settings)[0] == generate_tokens(tiny_chat, prompt, settings)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(50, 0.9), (50, 1.0), (3, 0.5), (0, 0.9)])
+def test_sampling_draws_from_the_distribution_of_generates_warpers(top_k, top_p):
+    scores = torch.randn(3, 1000) * 3
+    warpers = [w for w in (TopKLogitsWarper(top_k) if top_k else None,
+                           TopPLogitsWarper(top_p) if top_p < 1 else None) if w is not None]
+    expected = scores
+    for warper in warpers:
+        expected = warper(None, expected)
+    probs, index = engine.sampling_distribution(scores, top_k, top_p)
+    full = probs if index is None else torch.zeros_like(scores).scatter_(1, index, probs)
+    assert torch.allclose(full, torch.softmax(expected, dim=-1), atol=1e-6)
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_chat):
     settings = preset("sampling").updated(max_new_tokens=16, no_repeat_ngram_size=2)
     prompt = encode(tiny_chat, PROMPTS[0])
     ours = loop_tokens(tiny_chat, [prompt], settings.updated(seed=3))[0]
-    torch.manual_seed(3)
-    assert ours == generate_tokens(tiny_chat, prompt, settings)
+    assert ours == loop_tokens(tiny_chat, [prompt], settings.updated(seed=3))[0]
+    assert ours != loop_tokens(tiny_chat, [prompt], settings.updated(seed=4))[0]
 
 
 def test_left_padded_batch_matches_single_rows(tiny_chat, gpt2_tokenizer):
