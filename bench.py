@@ -326,23 +326,23 @@ def bench_selection(bot: object, data_dir: str | None, queries: int, warmup: int
                     retrieved: int = 6) -> dict:
     """Selector scoring of `generated` new replies plus `retrieved` listener replies per test dialogue.
 
-    Side by side: the retrieved replies' vectors from the index (served) and every candidate embedded afresh.
+    Side by side: the retrieved replies' vectors from the selector's cache (served) and every candidate embedded afresh.
     """
     examples = load_examples(data_dir, "test", limit=queries + warmup)
     contexts = [query_text(ex.history) for ex in examples]
     hits = bot.retriever.search_vectors(embed(bot.embedder, contexts), retrieved)
     # Other dialogues' gold replies stand in for generated candidates: unseen text of a reply's length.
     fresh = [[examples[(i + j + 1) % len(examples)].reply for j in range(generated)] for i in range(len(examples))]
-    timings: dict[str, list[float]] = {"stored_vectors": [], "all_embedded": []}
+    timings: dict[str, list[float]] = {"cached_vectors": [], "all_embedded": []}
     for i, (context, row) in enumerate(zip(contexts, hits)):
         candidates = fresh[i] + [h.response for h in row]
-        known = bot.retriever.known_replies(row)
-        for name, vectors in (("stored_vectors", known), ("all_embedded", None)):
+        known = bot.selector.known_replies(bot.retriever, row)
+        for name, vectors in (("cached_vectors", known), ("all_embedded", None)):
             started = time.perf_counter()
             bot.selector.score(context, candidates, vectors)
             if i >= warmup:
                 timings[name].append(time.perf_counter() - started)
-    return {"dialogues": len(timings["stored_vectors"]), "candidates": generated + retrieved, "generated": generated,
+    return {"dialogues": len(timings["cached_vectors"]), "candidates": generated + retrieved, "generated": generated,
             **{name: percentiles(t) for name, t in timings.items()}}
 
 
@@ -431,8 +431,8 @@ def markdown(report: dict) -> str:
     if "selection" in report:
         sel = report["selection"]
         rows.append((f"Selector, {sel['candidates']} candidates ({sel['generated']} new): retrieved replies' vectors "
-                     "from the index / all embedded (ms p50)",
-                     f"{sel['stored_vectors']['p50_ms']:.1f} / {sel['all_embedded']['p50_ms']:.1f}", ""))
+                     "cached / all embedded (ms p50)",
+                     f"{sel['cached_vectors']['p50_ms']:.1f} / {sel['all_embedded']['p50_ms']:.1f}", ""))
     if "index_build" in report:
         b = report["index_build"]
         rows.append((f"Index build (sample of {b['texts']:,} texts)", f"{b['texts_per_s']:.0f} texts/s", ""))

@@ -169,13 +169,15 @@ def parse_systems(names: Sequence[str], adapters: Sequence[Path], base_model: st
     return specs
 
 
-def protocol_key(spec: SystemSpec, args: EvalArguments, settings: GenerationSettings) -> str:
-    """What a cached result depends on; a different key discards the cache."""
+def protocol_key(spec: SystemSpec, args: EvalArguments, settings: GenerationSettings,
+                 selector: ResponseSelector | None = None) -> str:
+    """What a cached result depends on (a selecting system's: the selector too); a different key discards the cache."""
     adapter = ""
     if spec.adapter:
         adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
+    chooser = selector.manifest.get("encoder_adapter") if spec.system.select and selector is not None else None
     key = [spec.base_model, adapter, spec.system.retrieval, spec.system.select, args.limit, args.seed, args.k,
-           settings.to_dict(), PROMPT_FORMAT_VERSION]
+           settings.to_dict(), PROMPT_FORMAT_VERSION] + ([chooser] if chooser else [])
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -313,10 +315,8 @@ def retrieval_quality(
     gold = [ex.emotion for ex in examples]
     labels = [[h.emotion for h in row] for row in hits]
     sets = candidate_sets(examples, sample(list(test_examples), CANDIDATE_POOL, seed + 1), CANDIDATES, seed)
-    replies = list(dict.fromkeys(c for row in sets for c in row))
-    reply_vectors, position = embed(embedder, replies), {text: i for i, text in enumerate(replies)}
-    candidate_vectors = [reply_vectors[[position[c] for c in row]] for row in sets]
-    scorers = {"": ResponseSelector(embedder, *(np.eye(query_vectors.shape[1]),) * 2)}
+    contexts = [query_text(ex.history) for ex in examples]
+    scorers = {"": ResponseSelector(embedder)}
     if selector is not None:
         scorers["selector_"] = selector
     result = {
@@ -326,7 +326,7 @@ def retrieval_quality(
         "candidates": min((len(row) for row in sets), default=0),
     }
     for prefix, scorer in scorers.items():
-        scores = scorer.score_vectors(query_vectors, candidate_vectors)
+        scores = scorer.score_many(contexts, sets)
         result[f"{prefix}p_at_1"] = precision_at_1(scores)
         result[f"{prefix}p_at_1_10"] = precision_at_1(scores, 10)
     return result
@@ -517,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else out / "cache"
     systems = {}
     for label, (spec, bot) in bots.items():
-        cache = SystemCache(cache_dir / spec.slug, protocol_key(spec, args, settings))
+        cache = SystemCache(cache_dir / spec.slug, protocol_key(spec, args, settings, selector))
         systems[label] = score_system(spec, bot, examples, settings, cache, embedder, query_vectors, gold_vectors,
                                       args.batch_size)
         logger.info("%s: %s", label, {k: round(v, 2) for k, v in systems[label].items() if isinstance(v, float)})

@@ -256,12 +256,16 @@ class EmpatheticChatbot:
         selector = load_response_selector(embedder)
         if selector is None:
             notes.append("Reply selection is off: assets/selector is missing or unfit (python train_selector.py).")
+        elif retriever is not None:
+            selector.index_vectors(retriever)  # embedded on the first start with this index, then read from the cache
         return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder, onnx=onnx,
                    selector=selector)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""
         self.retriever = Retriever(Path(index_dir), self.embedder)
+        if self.selector is not None:
+            self.selector.index_vectors(self.retriever)
         self.notes = [n for n in self.notes if not n.startswith("Retrieval is off")]
 
     def describe(self) -> dict:
@@ -448,8 +452,8 @@ class EmpatheticChatbot:
             candidate.rejected = unfit(candidate.text, conversation)
         fit = [i for i, candidate in enumerate(reply.candidates) if not candidate.rejected]
         if fit and self.selector is not None:
-            # Replies retrieved from this bot's index come with stored vectors: only the rest is embedded.
-            known = self.retriever.known_replies(reply.retrieved) if self.retriever is not None else {}
+            # Replies retrieved from this bot's index have cached vectors: only the rest is embedded.
+            known = self.selector.known_replies(self.retriever, reply.retrieved) if self.retriever is not None else {}
             scores = self.selector.score(context, [reply.candidates[i].text for i in fit], known)
             for i, score in zip(fit, scores):
                 reply.candidates[i].score = round(score, 4)

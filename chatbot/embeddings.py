@@ -173,6 +173,20 @@ def adapted_embedder(model: SentenceTransformer, lora: dict, weights: dict[str, 
     return tuned
 
 
+# Every linear layer of MiniLM's blocks: attention (query/key/value, its output "dense") and the feed-forward pair
+# (also the unused pooler's "dense": mean pooling never reads it, so its adapter weights stay inert).
+LORA_MODULES = ["query", "key", "value", "dense"]
+
+
+def adapter_digest(weights: dict[str, np.ndarray]) -> str:
+    """SHA-256 over an adapter's weights, names sorted: names its ONNX export and checks the artifact."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(weights[name]).tobytes())
+    return digest.hexdigest()
+
+
 def embedder_engine(model: SentenceTransformer) -> str:
     """Which engine `embed` uses for this embedder."""
     return "onnxruntime" if model in _ONNX_ENCODERS else "sentence-transformers"

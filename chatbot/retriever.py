@@ -23,13 +23,13 @@ from chatbot.runtime import DEFAULT_SEED, cpu_threads
 
 logger = logging.getLogger(__name__)
 
-# v2: the listener replies' own vectors are stored too, so reply selection never embeds a retrieved reply again.
-INDEX_FORMAT_VERSION = "ed-index-v2"
+# v3: only the dialogues are embedded (v2 also stored the replies' vectors; the response selector now embeds
+# replies in its own space and caches them per index, see chatbot.selector).
+INDEX_FORMAT_VERSION = "ed-index-v3"
 INDEX_TYPES = ("flat", "ivf", "hnsw")
 # A reply depends mostly on the last exchange; longer keys dilute the embedding.
 QUERY_TURNS = 2
 INDEX_FILE, RECORDS_FILE, MANIFEST_FILE = "index.faiss", "records.jsonl", "manifest.json"
-REPLY_VECTORS_FILE = "replies.npy"
 
 
 class IndexLoadError(RuntimeError):
@@ -111,7 +111,7 @@ def build_index(
     embedder_name: str = EMBEDDER_NAME,
     batch_size: int = 128,
 ) -> dict:
-    """Embed the examples' contexts and replies, write index, records, reply vectors and manifest atomically."""
+    """Embed the examples' contexts, write index, records and manifest atomically."""
     if not examples:
         raise IndexLoadError("No examples to index")
     out_dir = Path(out_dir)
@@ -119,7 +119,6 @@ def build_index(
     started = time.perf_counter()
     records = _records(examples)
     vectors = embed(embedder, [r["context"] for r in records], batch_size=batch_size, progress=True)
-    reply_vectors = embed(embedder, [r["response"] for r in records], batch_size=batch_size, progress=True)
     index = faiss_index(vectors, index_type)
     seconds = time.perf_counter() - started
     manifest = {
@@ -133,7 +132,7 @@ def build_index(
         "query_turns": QUERY_TURNS,
         "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "build_seconds": round(seconds, 1),
-        "texts_per_second": round(2 * len(records) / seconds, 1),  # each record: its context and its reply
+        "texts_per_second": round(len(records) / seconds, 1),
     }
     if index_type != "flat":
         manifest["recall_at_10_vs_flat"] = round(recall_at_k(index, vectors), 4)
@@ -144,7 +143,6 @@ def build_index(
     tmp.mkdir(parents=True)
     try:
         faiss.write_index(index, str(tmp / INDEX_FILE))
-        np.save(tmp / REPLY_VECTORS_FILE, reply_vectors.astype(np.float32))
         with open(tmp / RECORDS_FILE, "w", encoding="utf-8") as fh:
             for record in records:
                 fh.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -240,15 +238,12 @@ class Retriever:
             self.index = faiss.read_index(str(index_dir / INDEX_FILE))
             with open(index_dir / RECORDS_FILE, encoding="utf-8") as fh:
                 self.records = [json.loads(line) for line in fh]
-            # Memory-mapped: only the rows of retrieved replies are ever read.
-            self._reply_vectors = np.load(index_dir / REPLY_VECTORS_FILE, mmap_mode="r")
         except (RuntimeError, OSError, ValueError) as err:
             raise IndexLoadError(f"Corrupt index at {index_dir}: {err}. Rebuild: python build_index.py") from err
-        if (self.index.ntotal != len(self.records) or len(self.records) != manifest.get("count")
-                or self._reply_vectors.shape != (len(self.records), dim)):
+        if self.index.ntotal != len(self.records) or len(self.records) != manifest.get("count"):
             raise IndexLoadError(
                 f"Corrupt index at {index_dir}: {self.index.ntotal} vectors, {len(self.records)} records, "
-                f"reply vectors {self._reply_vectors.shape}, manifest says {manifest.get('count')}. "
+                f"manifest says {manifest.get('count')}. "
                 "Rebuild: python build_index.py"
             )
         self.manifest = manifest
@@ -257,15 +252,6 @@ class Retriever:
 
     def __len__(self) -> int:
         return len(self.records)
-
-    def reply_vectors(self, rows: Sequence[int]) -> np.ndarray:
-        """The stored embeddings of the listener replies at these index rows (`RetrievedDialogue.row`), (n, dim)."""
-        return np.asarray(self._reply_vectors[list(rows)], dtype=np.float32)
-
-    def known_replies(self, hits: Sequence[RetrievedDialogue]) -> dict[str, np.ndarray]:
-        """Retrieved listener replies by text, with their stored vectors (dialogues not from this index left out)."""
-        stored = [hit for hit in hits if hit.row >= 0]
-        return dict(zip((hit.response for hit in stored), self.reply_vectors([hit.row for hit in stored])))
 
     def stored_vectors(self, examples: Sequence[Example]) -> list[np.ndarray | None]:
         """The index's own vector for each example it contains (matched by conversation, context and reply)."""

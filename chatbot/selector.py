@@ -1,35 +1,46 @@
 """Response selection: rank candidate replies (generated or retrieved) against the dialogue so far.
 
-The shipped selector is a bi-encoder on top of the shared all-MiniLM-L6-v2: two learned residual linear maps, one
-for the dialogue (`retriever.query_text`, the text retrieval is keyed by) and one for the candidate reply, trained
-with sentence-transformers' MultipleNegativesRankingLoss on Empathetic Dialogues (dialogue so far -> listener reply,
-in-batch and mined hard negatives). MiniLM is trained for paraphrase similarity, which favours replies that echo
-the message; the maps move both sides into a space where a fitting reply lies close to its dialogue.
-Only the two matrices are stored; the encoder is the one the bot already loads.
+The shipped selector is all-MiniLM-L6-v2 with a LoRA adapter trained with sentence-transformers'
+MultipleNegativesRankingLoss on Empathetic Dialogues (dialogue so far, as `retriever.query_text` writes it ->
+the listener reply; every other reply in the batch is a negative). Untuned MiniLM is trained for paraphrase
+similarity, which favours replies that echo the message; the adapter moves both sides into a space where a
+fitting reply lies close to its dialogue. At load the adapter is merged into a copy of the shared embedder
+(ONNX Runtime on CPU, as the embedder). The vectors of the index's listener replies are embedded once per index
+and selector and cached, so scoring a message embeds only the dialogue and its generated candidates.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from tqdm.auto import trange
 
 from chatbot.data import Example
-from chatbot.embeddings import EMBEDDER_NAME, embed, read_head, save_head
-from chatbot.retriever import QUERY_TURNS
-from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED
+from chatbot.embeddings import (
+    EMBEDDER_NAME,
+    LORA_MODULES,
+    adapted_embedder,
+    adapter_digest,
+    embed,
+    read_head,
+    save_head,
+)
+from chatbot.retriever import QUERY_TURNS, RetrievedDialogue, Retriever
+from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, cache_dir, set_seed
 
 logger = logging.getLogger(__name__)
 
 SELECTOR_DIR = ASSETS_DIR / "selector"
-SELECTOR_VERSION = "ed-selector-v1"
-SELECTOR_KIND = "minilm-residual-linear"
+SELECTOR_VERSION = "ed-selector-v2"
+SELECTOR_KIND = "minilm-lora"
 WEIGHTS_FILE = "selector.npz"
 
 
@@ -37,35 +48,43 @@ class SelectorLoadError(ValueError):
     """The selector is missing, unreadable, or was trained for another embedder, context or format."""
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+@dataclass(frozen=True)
+class SelectorTuning:
+    """How train_selector.py fine-tunes MiniLM into the selector."""
+
+    rank: int = 16  # LoRA rank on every linear layer: 0.7 M weights, 1.3 MB in float16 (the issue allows 5 MB)
+    lr: float = 1e-3  # LoRA weights move little per step; full fine-tunes use about 5e-5
+    batch_size: int = 64  # dialogues per step: every other reply in the batch is a negative
+    scale: float = 20.0  # MultipleNegativesRankingLoss scale (1 / temperature), sentence-transformers' default
+
+    @property
+    def lora(self) -> dict:
+        """peft LoraConfig arguments of the adapter (also what the manifest records)."""
+        return {"r": self.rank, "lora_alpha": 2 * self.rank, "target_modules": LORA_MODULES}
 
 
 class ResponseSelector:
-    """Scores candidate replies to a dialogue; higher is a better reply."""
+    """Scores candidate replies to a dialogue by cosine in its encoder's space; higher is a better reply."""
 
-    def __init__(self, embedder: SentenceTransformer, context_map: np.ndarray, reply_map: np.ndarray,
-                 manifest: dict | None = None):
-        """`context_map` / `reply_map`: (dim, dim) matrices applied to the embedder's unit vectors."""
-        self.embedder = embedder
-        self.context_map = np.asarray(context_map, dtype=np.float32)
-        self.reply_map = np.asarray(reply_map, dtype=np.float32)
+    def __init__(self, encoder: SentenceTransformer, manifest: dict | None = None):
+        """`encoder`: the embedder with the selector's adapter merged in (the plain embedder: untuned MiniLM)."""
+        self.encoder = encoder
         self.manifest = manifest or {}
+        self._index_vectors: tuple[Path, np.ndarray] | None = None  # (index folder, its replies' vectors)
 
     def score_vectors(self, context_vectors: np.ndarray, candidate_vectors: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Scores from embeddings: each context row against its own (candidates, dim) block."""
-        contexts = _normalise(context_vectors @ self.context_map.T)
-        return [_normalise(cands @ self.reply_map.T) @ ctx for ctx, cands in zip(contexts, candidate_vectors)]
+        """Scores from this encoder's unit vectors: each context row against its own (candidates, dim) block."""
+        return [cands @ ctx for ctx, cands in zip(context_vectors, candidate_vectors)]
 
     def score_many(self, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
                    known: Mapping[str, np.ndarray] | None = None) -> list[np.ndarray]:
         """Scores of each dialogue's candidates; every distinct text not in `known` is embedded once.
 
-        `known`: candidate vectors already at hand by text (retrieved replies' from the index).
+        `known`: candidate vectors already at hand by text (retrieved replies', see `known_replies`).
         """
         known = known or {}
         fresh = list(dict.fromkeys(c for row in candidates for c in row if c not in known))
-        vectors = embed(self.embedder, [*contexts, *fresh])  # one call: per-call overhead is most of a message's cost
+        vectors = embed(self.encoder, [*contexts, *fresh])  # one call: per-call overhead is most of a message's cost
         lookup = {**known, **dict(zip(fresh, vectors[len(contexts):]))}
         return self.score_vectors(vectors[:len(contexts)], [np.stack([lookup[c] for c in row]) for row in candidates])
 
@@ -75,34 +94,68 @@ class ResponseSelector:
             return []
         return [float(s) for s in self.score_many([context], [candidates], known)[0]]
 
-    def save(self, out_dir: Path, extra: dict | None = None) -> Path:
-        """Write the two maps and a manifest (format, kind, embedder, context turns, plus `extra`)."""
-        self.manifest = {**self.manifest, **(extra or {}), **_expected_manifest(self.context_map.shape[1])}
-        # float16 halves the file; the maps are near identity plus small learned changes.
-        arrays = {"context_map": self.context_map.astype(np.float16), "reply_map": self.reply_map.astype(np.float16)}
-        return save_head(out_dir, WEIGHTS_FILE, arrays, self.manifest)
+    def index_vectors(self, retriever: Retriever) -> np.ndarray:
+        """This selector's vectors of every listener reply in `retriever`'s index: embedded once, then cached.
+
+        The cache key names the index (its folder's manifest) and the selector's adapter, so a rebuilt index or a
+        retrained selector gets fresh vectors.
+        """
+        if self._index_vectors is not None and self._index_vectors[0] == retriever.index_dir:
+            return self._index_vectors[1]
+        key = hashlib.sha256(json.dumps([retriever.manifest, self.manifest.get("encoder_adapter")],
+                                        sort_keys=True).encode()).hexdigest()[:16]
+        path = cache_dir() / "selector" / f"replies-{key}.npy"
+        if path.exists():
+            vectors = np.load(path, mmap_mode="r")
+        else:
+            logger.info("Embedding the index's %d listener replies for the response selector (once)", len(retriever))
+            vectors = embed(self.encoder, [r["response"] for r in retriever.records], batch_size=128, progress=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, vectors)
+            tmp.replace(path)  # whole or absent: a crash never leaves a short file under the key
+        self._index_vectors = (retriever.index_dir, vectors)
+        return vectors
+
+    def known_replies(self, retriever: Retriever, hits: Sequence[RetrievedDialogue]) -> dict[str, np.ndarray]:
+        """Retrieved listener replies by text, with this selector's cached vectors (hits from another index left out)."""
+        vectors = self.index_vectors(retriever)
+        return {hit.response: np.asarray(vectors[hit.row], dtype=np.float32) for hit in hits if hit.row >= 0}
+
+    def save(self, out_dir: Path, lora: dict, weights: dict[str, np.ndarray], extra: dict | None = None) -> Path:
+        """Write the adapter's weights (float16) and a manifest (format, kind, embedder, context turns, plus `extra`)."""
+        stored = {name: value.astype(np.float16) for name, value in weights.items()}
+        adapter = {"lora": lora, "sha256": adapter_digest(stored)}
+        self.manifest = {**self.manifest, **(extra or {}), **_expected_manifest(), "encoder_adapter": adapter}
+        return save_head(out_dir, WEIGHTS_FILE, stored, self.manifest)
 
     @classmethod
     def load(cls, path: Path, embedder: SentenceTransformer, embedder_name: str = EMBEDDER_NAME) -> ResponseSelector:
-        """Load saved maps for `embedder`; SelectorLoadError says clearly what is missing or does not fit."""
+        """The saved adapter merged into a copy of `embedder`; SelectorLoadError says what is missing or does not fit."""
         try:
             manifest, weights = read_head(path, WEIGHTS_FILE)
-            maps = weights["context_map"], weights["reply_map"]
+            adapter = manifest["encoder_adapter"]
         except (OSError, ValueError, KeyError) as err:
             raise SelectorLoadError(f"Cannot read the response selector at {path}: {err}. "
                                     "Train it: python train_selector.py") from err
-        expected = _expected_manifest(embedder.get_embedding_dimension(), embedder_name)
-        problems = [f"{key} {manifest.get(key)!r} != {value!r}" for key, value in expected.items()
+        problems = [f"{key} {manifest.get(key)!r} != {value!r}" for key, value in _expected_manifest(embedder_name).items()
                     if manifest.get(key) != value]
+        if adapter_digest(weights) != adapter.get("sha256"):
+            problems.append("the adapter's weights do not match the manifest's checksum")
         if problems:
             raise SelectorLoadError(f"Response selector {path} does not fit: {'; '.join(problems)}. "
                                     "Retrain: python train_selector.py")
-        return cls(embedder, *maps, manifest)
+        weights = {name: value.astype(np.float32) for name, value in weights.items()}
+        try:
+            encoder = adapted_embedder(embedder, adapter["lora"], weights, adapter["sha256"])
+        except ValueError as err:
+            raise SelectorLoadError(f"Response selector {path} does not fit the embedder: {err}") from err
+        return cls(encoder, manifest)
 
 
-def _expected_manifest(dim: int, embedder_name: str = EMBEDDER_NAME) -> dict:
-    """What a loader checks: same format, kind, embedder, embedding size and dialogue context."""
-    return {"format_version": SELECTOR_VERSION, "kind": SELECTOR_KIND, "embedder": embedder_name, "dim": dim,
+def _expected_manifest(embedder_name: str = EMBEDDER_NAME) -> dict:
+    """What a loader checks: same format, kind, embedder and dialogue context."""
+    return {"format_version": SELECTOR_VERSION, "kind": SELECTOR_KIND, "embedder": embedder_name,
             "query_turns": QUERY_TURNS}
 
 
@@ -113,6 +166,72 @@ def load_response_selector(embedder: SentenceTransformer, path: Path = SELECTOR_
     except SelectorLoadError as err:
         logger.warning("Response selection off: %s", err)
         return None
+
+
+def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]], tuning: SelectorTuning,
+                  seed: int = DEFAULT_SEED, evaluate=None, every: int = 0, progress: bool = True,
+                  ) -> tuple[SentenceTransformer, dict[str, np.ndarray], list[dict]]:
+    """Train a LoRA adapter on a copy of `embedder` over (dialogue, reply) pairs, one pass in seeded order.
+
+    In-batch negatives with sentence-transformers' MultipleNegativesRankingLoss, both directions (each dialogue
+    picks its reply among the batch's replies and each reply its dialogue). With `evaluate` (the encoder ->
+    higher is better, e.g. P@1,N on valid) the model is scored before training and every `every` pairs, and the
+    adapter of the best score is returned. Returns the tuned encoder (adapter not merged), the kept adapter's
+    weights and a log.
+    """
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.util import batch_to_device
+    from tqdm.auto import tqdm
+
+    set_seed(seed)
+    model = copy.deepcopy(embedder)
+    inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
+    loss_fn = MultipleNegativesRankingLoss(model, scale=tuning.scale)
+
+    def state() -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy().copy() for k, v in get_peft_model_state_dict(model[0].auto_model).items()}
+
+    def checkpoint(seen: int, loss: float | None) -> None:
+        nonlocal best
+        model.eval()
+        entry = {"pairs": seen, "loss": loss, "valid": evaluate(model)}
+        model.train()
+        log.append(entry)
+        logger.info("selector %s", entry)
+        if best is None or entry["valid"] > best[0]:
+            best = (entry["valid"], state())
+
+    log: list[dict] = []
+    best: tuple[float, dict] | None = None
+    if evaluate is not None:
+        checkpoint(0, None)
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    losses, seen = [], 0
+    model.train()
+    for start in tqdm(range(0, len(order), tuning.batch_size), desc="Tuning the selector", disable=not progress):
+        batch = [pairs[i] for i in order[start:start + tuning.batch_size]]
+        # Dialogues and replies are padded apart: replies are short, one shared batch would pad them to dialogues.
+        vectors = [F.normalize(model(batch_to_device(model.preprocess(list(side)), model.device))["sentence_embedding"], dim=-1)
+                   for side in zip(*batch)]
+        loss = loss_fn.compute_loss_from_embeddings(vectors, None)
+        loss = (loss + loss_fn.compute_loss_from_embeddings(vectors[::-1], None)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        seen += len(batch)
+        if evaluate is not None and every and (seen // every) > ((seen - len(batch)) // every):
+            checkpoint(seen, float(np.mean(losses)))
+            losses = []
+    if evaluate is not None and (not log or log[-1]["pairs"] != seen):
+        checkpoint(seen, float(np.mean(losses)) if losses else None)
+    weights = best[1] if best is not None else state()
+    if best is not None:
+        set_peft_model_state_dict(model[0].auto_model, {k: torch.from_numpy(v) for k, v in weights.items()})
+    return model.eval(), weights, log
 
 
 def candidate_sets(examples: Sequence[Example], pool: Sequence[Example], size: int, seed: int) -> list[list[str]]:
@@ -135,58 +254,6 @@ def precision_at_1(scores: Sequence[np.ndarray], candidates: int | None = None) 
 
     width = min([len(s) for s in scores] + ([candidates] if candidates else []), default=0)
     return p_at_1(np.array([s[:width] for s in scores]))
-
-
-def train_selector(
-    embedder: SentenceTransformer,
-    contexts: np.ndarray,
-    replies: np.ndarray,
-    negatives: np.ndarray | None = None,
-    epochs: int = 10,
-    batch_size: int = 256,
-    learning_rate: float = 1e-3,
-    scale: float = 20.0,
-    seed: int = DEFAULT_SEED,
-    evaluate: Callable[[ResponseSelector], float] | None = None,
-    progress: bool = True,
-) -> tuple[ResponseSelector, list[dict]]:
-    """Fit the two maps with MultipleNegativesRankingLoss over embedded (context, reply[, hard negative]) rows.
-
-    Starts from the identity (the untuned embedder). With `evaluate` (higher = better, e.g. P@1,N on valid) the
-    maps of the best epoch are kept: they overfit within a few epochs. Returns the selector and a per-epoch log.
-    """
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-
-    generator = torch.Generator().manual_seed(seed)
-    dim = contexts.shape[1]
-    maps = torch.nn.ParameterList([torch.nn.Parameter(torch.eye(dim)) for _ in range(2)])
-    optimizer = torch.optim.AdamW(maps.parameters(), lr=learning_rate, weight_decay=0.0)
-    loss_fn = MultipleNegativesRankingLoss(None, scale=scale)  # the model is only needed to embed texts
-    columns = [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (contexts, replies, negatives) if a is not None]
-
-    def current() -> ResponseSelector:
-        return ResponseSelector(embedder, *(m.detach().numpy().copy() for m in maps))
-
-    log, best, best_maps = [], -math.inf, None
-    for epoch in trange(epochs + 1, desc="selector", disable=not progress):
-        losses = []
-        if epoch:  # epoch 0 only measures the starting point
-            for batch in torch.randperm(len(contexts), generator=generator).split(batch_size):
-                rows = [c[batch] for c in columns]
-                embedded = [rows[0] @ maps[0].T, *(r @ maps[1].T for r in rows[1:])]
-                loss = loss_fn.compute_loss_from_embeddings(embedded, None)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-        entry = {"epoch": epoch, "loss": float(np.mean(losses)) if losses else None}
-        if evaluate is not None:
-            entry["valid"] = evaluate(current())
-            if entry["valid"] > best:
-                best, best_maps = entry["valid"], current()
-        log.append(entry)
-        logger.info("selector epoch %s", entry)
-    return best_maps or current(), log
 
 
 def cross_encoder_trial(

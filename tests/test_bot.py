@@ -225,19 +225,20 @@ def test_selection_shows_the_best_fit_candidate_and_never_a_rejected_one(tiny_ch
     assert plain.text == "I see. Tell me more." and not plain.from_dataset and len(plain.candidates) == 1
 
 
-def test_selection_embeds_only_the_generated_candidates(tiny_chat, synthetic_index, embedder, monkeypatch):
-    """Retrieved replies are scored with their vectors from the index, not embedded again."""
-    import numpy as np
+def test_selection_embeds_only_the_generated_candidates(tiny_chat, synthetic_index, embedder, monkeypatch, tmp_path):
+    """Retrieved replies are scored with the selector's cached vectors of the index, not embedded again."""
 
     import chatbot.selector as selector_module
     from chatbot.retriever import Retriever
     from chatbot.selector import ResponseSelector
 
     bot = EmpatheticChatbot(tiny_chat, Retriever(synthetic_index, embedder),
-                            selector=ResponseSelector(embedder, np.eye(384), np.eye(384)))
+                            selector=ResponseSelector(embedder))
     generated = "I see. Tell me more about it."
     monkeypatch.setattr(bot, "_generate", lambda prompts, settings, adapters, counts: iter(
         [[[generated] * n for n in counts]]))
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
+    bot.selector.index_vectors(bot.retriever)  # as from_pretrained does at start-up
     embedded, real = [], selector_module.embed
     monkeypatch.setattr(selector_module, "embed", lambda model, texts: embedded.extend(texts) or real(model, texts))
     reply = bot.respond("My goldfish died this morning.", settings=PRESETS["chat"])

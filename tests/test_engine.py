@@ -371,22 +371,22 @@ def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tok
     assert all(label in table for name, label in DECODE_PATHS.items() if name in decode)
 
 
-def test_bench_times_the_crisis_screen_and_selection_with_stored_reply_vectors(tiny_chat, synthetic_data,
-                                                                              synthetic_index, embedder):
-    import numpy as np
-
+def test_bench_times_the_crisis_screen_and_selection_with_cached_reply_vectors(tiny_chat, synthetic_data,
+                                                                              synthetic_index, embedder, tmp_path,
+                                                                              monkeypatch):
     from bench import bench_screen, bench_selection, environment, markdown
     from chatbot.retriever import Retriever
     from chatbot.safety import CrisisScreen
     from chatbot.selector import ResponseSelector
 
     bot = EmpatheticChatbot(tiny_chat, Retriever(synthetic_index, embedder), crisis=CrisisScreen(embedder),
-                            selector=ResponseSelector(embedder, np.eye(384), np.eye(384)))
+                            selector=ResponseSelector(embedder))
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
     screen = bench_screen(bot, synthetic_data, queries=2, warmup=0)
     selection = bench_selection(bot, synthetic_data, queries=2, warmup=0, retrieved=3)
     assert screen["messages"] == 2 and screen["p50_ms"] > 0
     assert selection["dialogues"] == 2 and selection["candidates"] == 7
-    assert selection["stored_vectors"]["p50_ms"] > 0 and selection["all_embedded"]["p50_ms"] > 0
+    assert selection["cached_vectors"]["p50_ms"] > 0 and selection["all_embedded"]["p50_ms"] > 0
     table = markdown({"environment": environment(), "screen": screen, "selection": selection})
     assert "Crisis screen per message" in table and "Selector, 7 candidates (4 new)" in table
 

@@ -114,3 +114,20 @@ def test_samples_name_a_reply_from_the_data_set_without_quoting_it():
     assert evaluation.sample_text(Reply(text=generated.text, candidates=[generated, person], chosen=0)) == generated.text
     shown = evaluation.sample_text(Reply(text=person.text, candidates=[generated, person], chosen=1))
     assert person.text not in shown and "hit:1_conv:2" in shown
+
+
+def test_a_selecting_systems_cache_follows_the_selector():
+    """A retrained selector discards tuned+rag+select's cached replies; other systems' caches do not depend on it."""
+    from types import SimpleNamespace
+
+    from chatbot.generation import PRESETS
+
+    args, settings = evaluation.EvalArguments(), PRESETS["greedy"]
+    selectors = [SimpleNamespace(manifest={"encoder_adapter": {"sha256": digest}}) for digest in "ab"]
+
+    def key(select: bool, selector) -> str:
+        spec = SimpleNamespace(base_model="m", adapter=None, system=SimpleNamespace(retrieval=True, select=select))
+        return evaluation.protocol_key(spec, args, settings, selector)
+
+    assert key(True, selectors[0]) != key(True, selectors[1])
+    assert key(False, selectors[0]) == key(False, selectors[1]) == key(False, None)

@@ -32,14 +32,6 @@ def test_flat_search_equals_brute_force(small_index, synthetic_data, embedder):
         assert hits[0].score >= hits[1].score >= hits[2].score
 
 
-def test_stored_reply_vectors_are_the_replies_embeddings(small_index, embedder):
-    """Reply selection takes a retrieved reply's vector from the index instead of embedding it again."""
-    hits = Retriever(small_index, embedder).search([Turn(SPEAKER, "my pet fish died")], k=3)
-    stored = Retriever(small_index, embedder).reply_vectors([h.row for h in hits])
-    assert stored.shape == (3, 384)
-    assert np.allclose(stored, embed(embedder, [h.response for h in hits]), atol=1e-5)
-
-
 def test_exclusion_never_returns_the_conversation(small_index, embedder):
     retriever = Retriever(small_index, embedder)
     top = retriever.search([Turn(SPEAKER, "my goldfish died")], k=1)[0]
@@ -62,13 +54,13 @@ def test_loader_refuses_other_embedder_and_corrupt_files(small_index, tmp_path, 
     (other / "manifest.json").write_text(json.dumps({**manifest, "embedder": "some/other-model"}))
     with pytest.raises(IndexLoadError, match="embedder"):
         Retriever(other, embedder)
-    (other / "manifest.json").write_text(json.dumps(manifest))
-    np.save(other / "replies.npy", np.zeros((manifest["count"] - 1, 384), dtype=np.float32))
-    with pytest.raises(IndexLoadError, match="reply vectors"):
-        Retriever(other, embedder)
-    (other / "replies.npy").unlink()
+    (other / "manifest.json").write_text(json.dumps({**manifest, "format_version": "ed-index-v2"}))
+    with pytest.raises(IndexLoadError, match="format 'ed-index-v2'"):
+        Retriever(other, embedder)  # an index of the previous format is rebuilt, not misread
+    (other / "manifest.json").write_text(json.dumps({**manifest, "count": manifest["count"] + 1}))
     with pytest.raises(IndexLoadError, match="Corrupt"):
         Retriever(other, embedder)
+    (other / "manifest.json").write_text(json.dumps(manifest))
     (other / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexLoadError, match="Corrupt"):
         Retriever(other, embedder)

@@ -11,7 +11,6 @@ writes assets/safety/ (weights and the adapter in classifier.npz, everything els
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 from scipy import sparse
 from sentence_transformers import SentenceTransformer
 
-from chatbot.embeddings import EMBEDDER_NAME, adapted_embedder, embed
+from chatbot.embeddings import EMBEDDER_NAME, LORA_MODULES, adapted_embedder, adapter_digest, embed
 from chatbot.emotion import HASH_FEATURES, LexicalFeatures
 from chatbot.runtime import ASSETS_DIR, set_seed
 
@@ -38,9 +37,6 @@ FORMAT_VERSION = 3
 CRISIS, CONCERN, NONE = "crisis", "concern", "none"
 LABELS = (CRISIS, "safe")
 LORA_PREFIX = "lora/"  # classifier.npz keys of the encoder adapter's weights
-# Every linear layer of MiniLM's blocks: attention (query/key/value, its output "dense") and the feed-forward pair
-# (also the unused pooler's "dense": mean pooling never reads it, so its adapter weights stay inert).
-LORA_MODULES = ["query", "key", "value", "dense"]
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,7 @@ class SafetyClassifier:
         """The embedder this classifier reads: the shared one, or a copy with the trained adapter merged in."""
         if self.lora_config is None:
             return embedder
-        return adapted_embedder(embedder, self.lora_config, self.lora_weights, _digest(self.lora_weights))
+        return adapted_embedder(embedder, self.lora_config, self.lora_weights, adapter_digest(self.lora_weights))
 
     def tier(self, probability: float) -> str:
         """'crisis', 'concern' or 'none' for one probability."""
@@ -142,7 +138,7 @@ class SafetyClassifier:
                             intercept=np.float32(self.intercept), idf=self.idf.astype(np.float32),
                             char_idf=self.char_idf.astype(np.float32),
                             **{LORA_PREFIX + name: value for name, value in self.lora_weights.items()})
-        adapter = None if self.lora_config is None else {"lora": self.lora_config, "sha256": _digest(self.lora_weights)}
+        adapter = None if self.lora_config is None else {"lora": self.lora_config, "sha256": adapter_digest(self.lora_weights)}
         manifest = dict(self.manifest, format_version=FORMAT_VERSION, dim=self.dim, encoder_adapter=adapter,
                         thresholds={CRISIS: self.crisis_threshold, CONCERN: self.concern_threshold})
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
@@ -168,7 +164,7 @@ class SafetyClassifier:
                 f"not {embedder_name}; retrain with `python train_safety.py`"
             )
         adapter = manifest.get("encoder_adapter")
-        if adapter is not None and adapter["sha256"] != _digest(lora):
+        if adapter is not None and adapter["sha256"] != adapter_digest(lora):
             raise ClassifierLoadError(f"{folder}: the encoder adapter's weights do not match its manifest; "
                                       "retrain with `python train_safety.py`")
         thresholds = manifest["thresholds"]
@@ -176,15 +172,6 @@ class SafetyClassifier:
                     folder, thresholds[CRISIS], thresholds[CONCERN])
         return cls(coef, intercept, idf, char_idf, thresholds[CRISIS], thresholds[CONCERN], manifest,
                    None if adapter is None else adapter["lora"], lora)
-
-
-def _digest(weights: dict[str, np.ndarray]) -> str:
-    """SHA-256 over an adapter's weights, names sorted: names the ONNX export and checks the artifact."""
-    digest = hashlib.sha256()
-    for name in sorted(weights):
-        digest.update(name.encode())
-        digest.update(np.ascontiguousarray(weights[name]).tobytes())
-    return digest.hexdigest()
 
 
 def lowest_threshold(probabilities: np.ndarray, is_crisis: np.ndarray, max_false_alarms: float) -> float:
