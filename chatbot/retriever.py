@@ -279,9 +279,14 @@ class Retriever:
         # Excluded conversations have at most a handful of entries; over-fetch so k usually remain.
         fetch = min(len(self.records), k + 8 * max((len(e) for e in excludes), default=0))
         # One query (a chat message): starting OpenMP's threads costs more than they save, and concurrent
-        # requests use the other cores anyway; batches (evaluation, training) keep every core.
+        # requests use the other cores anyway; batches (evaluation, training) keep every core. The setting is
+        # OpenMP's, shared with PyTorch in this thread: put back, or every later PyTorch call runs on one core.
+        threads = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1 if len(vectors) == 1 else cpu_threads())
-        scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
+        try:
+            scores, ids = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch)
+        finally:
+            faiss.omp_set_num_threads(threads)
         results = []
         for row_scores, row_ids, exclude in zip(scores, ids, excludes):
             hits = []

@@ -15,7 +15,7 @@ import copy
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,7 +169,8 @@ def load_response_selector(embedder: SentenceTransformer, path: Path = SELECTOR_
 
 
 def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]], tuning: SelectorTuning,
-                  seed: int = DEFAULT_SEED, evaluate=None, every: int = 0, progress: bool = True,
+                  seed: int = DEFAULT_SEED, evaluate: Callable[[SentenceTransformer], float] | None = None,
+                  every: int = 0, progress: bool = True,
                   ) -> tuple[SentenceTransformer, dict[str, np.ndarray], list[dict]]:
     """Train a LoRA adapter on a copy of `embedder` over (dialogue, reply) pairs, one pass in seeded order.
 
@@ -257,13 +258,14 @@ def precision_at_1(scores: Sequence[np.ndarray], candidates: int | None = None) 
 
 
 def cross_encoder_trial(
-    pairs: Sequence[tuple[str, str, str]], contexts: Sequence[str], candidates: Sequence[Sequence[str]],
+    pairs: Sequence[tuple[str, str]], contexts: Sequence[str], candidates: Sequence[Sequence[str]],
     seconds: float, batch_size: int = 16, learning_rate: float = 2e-5, seed: int = DEFAULT_SEED,
 ) -> dict:
     """Fine-tune a sentence-transformers CrossEncoder from MiniLM for `seconds`, then rank like the selector.
 
-    `pairs`: (context, reply, hard negative). Returns how many pairs it saw, its P@1 on `candidates` (gold first)
-    and the median ms to score one context against 10 candidates (the selector's added-latency budget).
+    `pairs`: (context, reply); other replies in a batch are the negatives. Returns how many pairs it saw, its P@1
+    on `candidates` (gold first) and the median ms to score one context against 10 candidates (the selector's
+    added-latency budget).
     """
     import time
 

@@ -116,3 +116,16 @@ def test_if_missing_keeps_a_current_index_and_rebuilds_an_older_format(small_ind
     assert build_index.main(args) == 0
     rebuilt = json.loads((index / "manifest.json").read_text())
     assert rebuilt["format_version"] != "ed-index-v1" and rebuilt["data_checksum"] != "abc"
+
+
+def test_a_single_query_search_leaves_pytorchs_threads_as_they_were(small_index, embedder):
+    """FAISS's OpenMP thread count is PyTorch's too: a chat message's one-thread search must not leave it at 1."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Retriever(small_index, embedder).search([Turn(SPEAKER, "my pet fish died")], k=3)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
