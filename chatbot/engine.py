@@ -29,7 +29,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -66,6 +66,19 @@ EXPORTABLE_TYPES = ("llama",)
 
 class ExportError(RuntimeError):
     """The ONNX export cannot be built or loaded; callers fall back to transformers."""
+
+
+@contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch on one thread inside the block: the token choice's tensors are one row of logits per reply, too small
+    to gain from a second thread, and OpenMP's idle threads spin after each parallel op, taking the cores that
+    onnxruntime-genai's decode step needs (README: Performance)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def logits_processors(settings: GenerationSettings, sampling: bool) -> LogitsProcessorList:
@@ -171,7 +184,7 @@ class Decoder:
 
     def _choose(self, logits: torch.Tensor) -> list[int]:
         """Apply the processors, then pick each row's token greedily or by its own seeded draw."""
-        with torch.inference_mode():
+        with torch.inference_mode(), one_torch_thread():
             scores = self.processors(self.ids, logits.float())
             tokens = scores.argmax(-1)
             sampled = [i for i, g in enumerate(self.generators) if g is not None and not self.finished[i]]
@@ -287,9 +300,10 @@ class OrtBackend:
     def _gather(self, parts: list[np.ndarray]) -> torch.Tensor:
         """Per-group logits back into row order."""
         vocab = self.vocab = parts[0].shape[-1]
-        logits = torch.empty(self.rows, vocab)
-        for ((_, members), part) in zip(self.groups, parts):
-            logits[members] = torch.from_numpy(np.asarray(part, dtype=np.float32).reshape(len(members), vocab))
+        with one_torch_thread():
+            logits = torch.empty(self.rows, vocab)
+            for ((_, members), part) in zip(self.groups, parts):
+                logits[members] = torch.from_numpy(np.asarray(part, dtype=np.float32).reshape(len(members), vocab))
         return logits
 
     def prefill(self) -> torch.Tensor:

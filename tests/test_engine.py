@@ -400,3 +400,19 @@ def test_respond_batch_gives_every_dialogue_the_reply_it_gets_alone(tiny_chat):
     batch = bot.respond_batch(dialogues, settings=GREEDY)
     assert [r.text for r in batch] == [bot.respond(m, h, settings=GREEDY).text for m, h in dialogues]
     assert [r.kind for r in batch][1] == "empty" and all(r.done for r in batch)
+
+
+def test_token_choice_runs_pytorch_on_one_thread_and_puts_it_back(tiny_chat):
+    """Spinning idle PyTorch threads slow the served engine's decode; the choice needs none, training needs them back."""
+    prompt = encode(tiny_chat, PROMPTS[0])
+    rows = [Row(tuple(prompt), True, False)]
+    decoder = Decoder(TorchBackend(tiny_chat, rows), rows, GREEDY, set(), tiny_chat.tokenizer.pad_token_id)
+    seen = []
+    decoder.processors.append(lambda ids, scores: seen.append(torch.get_num_threads()) or scores)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        list(decoder)
+        assert seen and set(seen) == {1} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
