@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.data import DataError, Example, data_checksum, examples_of, load_conversations, sample
-from chatbot.embeddings import embed, embed_cached, load_embedder
+from chatbot.embeddings import load_embedder
 from chatbot.retriever import IndexLoadError, Retriever, query_text
 from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
 from chatbot.selector import (
@@ -73,16 +73,6 @@ def ranking_task(examples: list[Example], pool_examples: list[Example], size: in
     return [query_text(ex.history) for ex in examples], candidate_sets(examples, sample(pool_examples, POOL, seed + 1), size, seed)
 
 
-def rank(selector: ResponseSelector, contexts: list[str], sets: list[list[str]], name: str | None = None) -> list[np.ndarray]:
-    """Every dialogue's candidate scores; each distinct text embedded once (cached under `name` when given)."""
-    replies = list(dict.fromkeys(c for row in sets for c in row))
-    texts = [*contexts, *replies]
-    vectors = embed_cached(selector.encoder, texts, name) if name else embed(selector.encoder, texts, batch_size=128)
-    position = {text: i for i, text in enumerate(replies)}
-    reply_vectors = vectors[len(contexts):]
-    return selector.score_vectors(vectors[:len(contexts)], [reply_vectors[[position[c] for c in row]] for row in sets])
-
-
 def latency_ms(selector: ResponseSelector, examples: list[Example], candidates: int = 10, calls: int = 30) -> float:
     """Median wall time of one `score` call: a test dialogue against `candidates` test replies, all embedded."""
     replies = [ex.reply for ex in examples]
@@ -126,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     valid_contexts, valid_sets = ranking_task(sample(valid, args.valid_examples, args.seed), valid, args.candidates, args.seed)
     _, weights, log = tune_selector(
         embedder, pairs, tuning, args.seed, every=args.eval_every,
-        evaluate=lambda model: round(precision_at_1(rank(ResponseSelector(model), valid_contexts, valid_sets)), 2))
+        evaluate=lambda model: round(precision_at_1(ResponseSelector(model).score_many(valid_contexts, valid_sets)), 2))
     metrics: dict = {"valid_p_at_1_by_checkpoint": log}
     extra = {"arguments": vars(args), "tuning": asdict(tuning), "train_dialogues": len(train),
              "data_checksum_train": checksum, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -139,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         metrics["cross_encoder_trial"] = compare_cross_encoder(args, pairs, valid, selector)
     for size in args.test_examples:
         contexts, sets = ranking_task(sample(test, size, args.seed), test, args.candidates, args.seed)
-        # What the bot weighs: the gold reply against the replies of the 9 train dialogues nearest to it in the index.
-        _, nearest = retriever.index.search(embed(embedder, contexts), min(9, retriever.index.ntotal))
-        report = {}
-        for label, model, name in (("untuned_minilm", untuned, f"test-{size}"), ("selector", selector, None)):
-            scores = rank(model, contexts, sets, name)
-            context_vectors = embed(model.encoder, contexts)
-            gold = embed(model.encoder, [row[0] for row in sets])
+        report, nearest = {}, None
+        for label, model in (("untuned_minilm", untuned), ("selector", selector)):
+            context_vectors, lookup = model.vectors(contexts, sets)
+            if nearest is None:  # the index is keyed by untuned MiniLM's vectors
+                # What the bot weighs: the gold reply against the replies of the 9 train dialogues nearest to it.
+                _, nearest = retriever.index.search(context_vectors, min(9, retriever.index.ntotal))
+            scores = model.score_vectors(context_vectors, [np.stack([lookup[c] for c in row]) for row in sets])
             neighbours = model.index_vectors(retriever)  # embedded once per index and encoder, then cached
-            retrieved = model.score_vectors(context_vectors, [np.vstack([g[None], neighbours[ids]]) for g, ids in zip(gold, nearest)])
+            retrieved = model.score_vectors(context_vectors, [np.vstack([lookup[row[0]][None], neighbours[ids]])
+                                                              for row, ids in zip(sets, nearest)])
             report[label] = {f"p_at_1_{args.candidates}": round(precision_at_1(scores), 2),
                              "p_at_1_10": round(precision_at_1(scores, 10), 2),
                              "p_at_1_10_retrieved": round(precision_at_1(retrieved), 2)}

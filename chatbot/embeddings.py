@@ -178,6 +178,11 @@ def adapted_embedder(model: SentenceTransformer, lora: dict, weights: dict[str, 
 LORA_MODULES = ["query", "key", "value", "dense"]
 
 
+def lora_arguments(rank: int) -> dict:
+    """peft LoraConfig arguments of a MiniLM adapter of this rank (alpha twice the rank, every linear layer)."""
+    return {"r": rank, "lora_alpha": 2 * rank, "target_modules": LORA_MODULES}
+
+
 def adapter_digest(weights: dict[str, np.ndarray]) -> str:
     """SHA-256 over an adapter's weights, names sorted: names its ONNX export and checks the artifact."""
     digest = hashlib.sha256()

@@ -26,10 +26,10 @@ from sentence_transformers import SentenceTransformer
 from chatbot.data import Example
 from chatbot.embeddings import (
     EMBEDDER_NAME,
-    LORA_MODULES,
     adapted_embedder,
     adapter_digest,
     embed,
+    lora_arguments,
     read_head,
     save_head,
 )
@@ -60,7 +60,7 @@ class SelectorTuning:
     @property
     def lora(self) -> dict:
         """peft LoraConfig arguments of the adapter (also what the manifest records)."""
-        return {"r": self.rank, "lora_alpha": 2 * self.rank, "target_modules": LORA_MODULES}
+        return lora_arguments(self.rank)
 
 
 class ResponseSelector:
@@ -70,7 +70,7 @@ class ResponseSelector:
         """`encoder`: the embedder with the selector's adapter merged in (the plain embedder: untuned MiniLM)."""
         self.encoder = encoder
         self.manifest = manifest or {}
-        self._index_vectors: tuple[Path, np.ndarray] | None = None  # (index folder, its replies' vectors)
+        self._index_vectors: tuple[str, np.ndarray] | None = None  # (cache key, the index replies' vectors)
 
     def score_vectors(self, context_vectors: np.ndarray, candidate_vectors: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Scores from this encoder's unit vectors: each context row against its own (candidates, dim) block."""
@@ -82,11 +82,16 @@ class ResponseSelector:
 
         `known`: candidate vectors already at hand by text (retrieved replies', see `known_replies`).
         """
+        context_vectors, lookup = self.vectors(contexts, candidates, known)
+        return self.score_vectors(context_vectors, [np.stack([lookup[c] for c in row]) for row in candidates])
+
+    def vectors(self, contexts: Sequence[str], candidates: Sequence[Sequence[str]],
+                known: Mapping[str, np.ndarray] | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The dialogues' vectors and every candidate's by text; each distinct text not in `known` embedded once."""
         known = known or {}
         fresh = list(dict.fromkeys(c for row in candidates for c in row if c not in known))
         vectors = embed(self.encoder, [*contexts, *fresh])  # one call: per-call overhead is most of a message's cost
-        lookup = {**known, **dict(zip(fresh, vectors[len(contexts):]))}
-        return self.score_vectors(vectors[:len(contexts)], [np.stack([lookup[c] for c in row]) for row in candidates])
+        return vectors[:len(contexts)], {**known, **dict(zip(fresh, vectors[len(contexts):]))}
 
     def score(self, context: str, candidates: Sequence[str], known: Mapping[str, np.ndarray] | None = None) -> list[float]:
         """Score each candidate as a reply to `context` (a dialogue as `query_text` writes it); see `score_many`."""
@@ -100,10 +105,10 @@ class ResponseSelector:
         The cache key names the index (its folder's manifest) and the selector's adapter, so a rebuilt index or a
         retrained selector gets fresh vectors.
         """
-        if self._index_vectors is not None and self._index_vectors[0] == retriever.index_dir:
-            return self._index_vectors[1]
         key = hashlib.sha256(json.dumps([retriever.manifest, self.manifest.get("encoder_adapter")],
                                         sort_keys=True).encode()).hexdigest()[:16]
+        if self._index_vectors is not None and self._index_vectors[0] == key:
+            return self._index_vectors[1]
         path = cache_dir() / "selector" / f"replies-{key}.npy"
         if path.exists():
             vectors = np.load(path, mmap_mode="r")
@@ -114,7 +119,7 @@ class ResponseSelector:
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, vectors)
             tmp.replace(path)  # whole or absent: a crash never leaves a short file under the key
-        self._index_vectors = (retriever.index_dir, vectors)
+        self._index_vectors = (key, vectors)
         return vectors
 
     def known_replies(self, retriever: Retriever, hits: Sequence[RetrievedDialogue]) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ import numpy as np
 from scipy import sparse
 from sentence_transformers import SentenceTransformer
 
-from chatbot.embeddings import EMBEDDER_NAME, LORA_MODULES, adapted_embedder, adapter_digest, embed
+from chatbot.embeddings import EMBEDDER_NAME, adapted_embedder, adapter_digest, embed, lora_arguments
 from chatbot.emotion import HASH_FEATURES, LexicalFeatures
 from chatbot.runtime import ASSETS_DIR, set_seed
 
@@ -51,7 +51,7 @@ class EncoderTuning:
     @property
     def lora(self) -> dict:
         """peft LoraConfig arguments of the adapter (also what the manifest records)."""
-        return {"r": self.rank, "lora_alpha": 2 * self.rank, "target_modules": LORA_MODULES}
+        return lora_arguments(self.rank)
 
 
 class ClassifierLoadError(RuntimeError):
