@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
                    help="dialogues per step (every other reply in the batch is a negative)")
     p.add_argument("--scale", type=float, default=defaults.scale, help="MultipleNegativesRankingLoss scale (1 / temperature)")
+    p.add_argument("--no-lr-decay", dest="lr_decay", action="store_false",
+                   help="keep the learning rate constant (default: falls linearly to 0 over the pass)")
     p.add_argument("--eval-every", type=int, default=4096, help="score P@1,N on valid every N training pairs")
     p.add_argument("--candidates", type=int, default=100, help="N of P@1,N (P@1,10 is also reported)")
     p.add_argument("--valid-examples", type=int, default=500, help="valid dialogues that choose the best checkpoint")
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, IndexLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tuning = SelectorTuning(rank=args.rank, lr=args.lr, batch_size=args.batch_size, scale=args.scale)
+    tuning = SelectorTuning(rank=args.rank, lr=args.lr, batch_size=args.batch_size, scale=args.scale,
+                            lr_decay=args.lr_decay)
     pairs = [(query_text(ex.history), ex.reply) for ex in train]
     valid_contexts, valid_sets = ranking_task(sample(valid, args.valid_examples, args.seed), valid, args.candidates, args.seed)
     _, weights, log = tune_selector(

@@ -56,6 +56,9 @@ class SelectorTuning:
     lr: float = 1e-3  # LoRA weights move little per step; full fine-tunes use about 5e-5
     batch_size: int = 64  # dialogues per step: every other reply in the batch is a negative
     scale: float = 20.0  # MultipleNegativesRankingLoss scale (1 / temperature), sentence-transformers' default
+    # The learning rate falls linearly to 0 over the pass (sentence-transformers' default schedule): late steps
+    # refine instead of jumping between checkpoints as they did at a constant rate.
+    lr_decay: bool = True
 
     @property
     def lora(self) -> dict:
@@ -195,6 +198,8 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
     model = copy.deepcopy(embedder)
     inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
+    steps = -(-len(pairs) // tuning.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if tuning.lr_decay else 1.0)
     loss_fn = MultipleNegativesRankingLoss(model, scale=tuning.scale)
 
     def state() -> dict[str, np.ndarray]:
@@ -203,7 +208,7 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
     def checkpoint(seen: int, loss: float | None) -> None:
         nonlocal best
         model.eval()
-        entry = {"pairs": seen, "loss": loss, "valid": evaluate(model)}
+        entry = {"pairs": seen, "loss": loss, "lr": schedule.get_last_lr()[0], "valid": evaluate(model)}
         model.train()
         log.append(entry)
         logger.info("selector %s", entry)
@@ -227,6 +232,7 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        schedule.step()
         losses.append(loss.item())
         seen += len(batch)
         if evaluate is not None and every and (seen // every) > ((seen - len(batch)) // every):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -60,6 +61,12 @@ def test_validation_keeps_the_best_checkpoint(embedder):
     _, weights, log = tune_selector(embedder, PAIRS * 3, TINY, seed=0, evaluate=evaluate, every=8, progress=False)
     assert [entry["pairs"] for entry in log] == [0, 8, 16, 24] and [e["valid"] for e in log] == [50.0, 90.0, 10.0, 10.0]
     assert adapter_digest(weights) == seen[1] != seen[-1]
+    # The learning rate falls linearly to 0 over the pass (3 steps of 8 pairs), or stays put without decay.
+    assert [e["lr"] for e in log] == pytest.approx([TINY.lr, TINY.lr * 2 / 3, TINY.lr / 3, 0.0])
+    scores = iter([50.0, 90.0, 10.0, 10.0])
+    _, _, log = tune_selector(embedder, PAIRS * 3, replace(TINY, lr_decay=False), seed=0, evaluate=evaluate, every=8,
+                              progress=False)
+    assert [e["lr"] for e in log] == pytest.approx([TINY.lr] * 4)
 
 
 def test_untuned_selector_scores_are_minilm_cosines(embedder):
