@@ -7,6 +7,7 @@ import os
 import threading
 import unicodedata
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -235,6 +236,14 @@ class EmpatheticChatbot:
             chat = load_chat_model(base_model, None, device)
         if chat.adapter_path is None:
             notes.append("No tuned adapter loaded: 'tuned' systems use the base model.")
+        default_engine, precision = engine_choice()
+        onnx_load = None
+        if (engine or default_engine) == "onnx" and chat.model.device.type == "cpu":
+            # Loading the served model is native work that releases the GIL: it runs while the embedder, index
+            # and classifiers load here, which shortens every start.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-load")
+            onnx_load = pool.submit(load_onnx, chat, precision)
+            pool.shutdown(wait=False)  # the one task still runs; the thread ends after it
         embedder = load_embedder(device=device)
         retriever = None
         try:
@@ -245,21 +254,20 @@ class EmpatheticChatbot:
         emotion = load_emotion_detector(embedder)
         if emotion is None:
             notes.append("Emotion detection is off: assets/emotion is missing (python train_emotion.py).")
-        default_engine, precision = engine_choice()
-        onnx = None
-        if (engine or default_engine) == "onnx" and chat.model.device.type == "cpu":
-            try:
-                onnx = load_onnx(chat, precision)
-            except ExportError as err:
-                notes.append(f"Replies come from transformers (slower): {err}")
-                logger.warning(notes[-1])
         selector = load_response_selector(embedder)
         if selector is None:
             notes.append("Reply selection is off: assets/selector is missing or unfit (python train_selector.py).")
         elif retriever is not None:
             selector.index_vectors(retriever)  # embedded on the first start with this index, then read from the cache
-        return cls(chat, retriever, emotion, CrisisScreen(embedder), k=k, notes=notes, embedder=embedder, onnx=onnx,
-                   selector=selector)
+        crisis = CrisisScreen(embedder)
+        onnx = None
+        if onnx_load is not None:
+            try:
+                onnx = onnx_load.result()
+            except ExportError as err:
+                notes.append(f"Replies come from transformers (slower): {err}")
+                logger.warning(notes[-1])
+        return cls(chat, retriever, emotion, crisis, k=k, notes=notes, embedder=embedder, onnx=onnx, selector=selector)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:
         """Load (or reload) the index, e.g. after it was built while the app was running."""

@@ -27,8 +27,8 @@ from chatbot.runtime import (
     cache_dir,
     cpu_threads,
     engine_choice,
-    files_sha256,
     get_device,
+    model_checksum,
     model_files,
     package_dir,
 )
@@ -142,7 +142,7 @@ def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> Sente
     model.max_seq_length = MAX_SEQ_LENGTH
     if target.type == "cpu" and engine_choice()[0] == "onnx" and Path(path).is_dir():
         try:
-            _attach_onnx(model, files_sha256(model_files(Path(path)))[:16])
+            _attach_onnx(model, model_checksum(model_files(Path(path)))[:16])
         except Exception as err:  # onnxruntime missing, export failed, vectors differ: the embedder still works
             logger.warning("The embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
     return model

@@ -50,7 +50,7 @@ from chatbot import oga
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
-from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads, files_sha256, model_files
+from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads, model_checksum, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +362,7 @@ def export_manifest(chat: ChatModel, precision: str) -> dict:
         "format_version": EXPORT_FORMAT_VERSION,
         "base_model": chat.base_model,
         "adapter": str(chat.adapter_path) if chat.adapter_path else None,
-        "source_sha256": files_sha256(_sources(chat)),
+        "source_sha256": model_checksum(_sources(chat)),
         "builder": f"onnxruntime-genai {oga.version()}",
         "precision": precision,
     }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import json
 import logging
 import os
 import random
@@ -69,6 +70,24 @@ def files_sha256(paths: Sequence[Path]) -> str:
             for block in iter(lambda h=handle: h.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def model_checksum(paths: Sequence[Path]) -> str:
+    """`files_sha256` of model files, remembered in the cache folder by each file's path, size and mtime.
+
+    Hashing a model's weights on every start took longer than loading them; a changed file (new size or mtime,
+    as make and rsync judge it) is hashed again.
+    """
+    stats = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+    memo = cache_dir() / "checksums" / f"{hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]}.txt"
+    if memo.exists():
+        return memo.read_text(encoding="utf-8").strip()
+    checksum = files_sha256(paths)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(checksum, encoding="utf-8")
+    tmp.replace(memo)  # whole or absent, whatever runs beside it
+    return checksum
 
 
 def model_files(folder: Path) -> list[Path]:

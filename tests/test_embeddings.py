@@ -68,3 +68,19 @@ def test_engine_switch_keeps_sentence_transformers(monkeypatch):
     """$ED_ENGINE=transformers keeps the embedder (like the chat model) off ONNX Runtime."""
     monkeypatch.setenv("ED_ENGINE", "transformers")
     assert embedder_engine(load_embedder(device="cpu")) == "sentence-transformers"
+
+
+def test_model_checksums_are_remembered_until_a_file_changes(tmp_path, monkeypatch):
+    from chatbot.runtime import files_sha256, model_checksum
+
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path / "cache"))
+    weights, config = tmp_path / "model.safetensors", tmp_path / "config.json"
+    weights.write_bytes(b"weights v1")
+    config.write_text("{}")
+    assert model_checksum([weights, config]) == files_sha256([weights, config])
+    calls = []
+    monkeypatch.setattr("chatbot.runtime.files_sha256", lambda paths: calls.append(paths) or "hashed again")
+    assert model_checksum([weights, config]) == files_sha256([weights, config])  # remembered: not hashed
+    assert calls == []
+    weights.write_bytes(b"weights version 2")  # another size (and mtime): hashed again
+    assert model_checksum([weights, config]) == "hashed again" and len(calls) == 1
