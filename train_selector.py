@@ -5,9 +5,10 @@
 MultipleNegativesRankingLoss, both directions), one pass in seeded order, scoring P@1,N on valid dialogues every
 `--eval-every` pairs and keeping the best adapter. It then reloads the saved selector as the bot does (adapter
 merged, ONNX Runtime) and reports P@1,100 / P@1,10 of the untuned MiniLM and of the selector on the test split
-(eval.py's protocol). On the 2-core CPU, about 9 pairs a second: `--pairs` sizes the run (see README).
+(eval.py's protocol). On the 2-core CPU, about 16 pairs a second: the whole train split is about an hour here;
+`--pairs` sizes a shorter run (see README).
 
-    python train_selector.py --data-dir ../shared/data/empatheticdialogues --pairs 24000
+    python train_selector.py --data-dir ../shared/data/empatheticdialogues   # the shipped run: every train pair
 """
 
 from __future__ import annotations
