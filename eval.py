@@ -47,7 +47,7 @@ from chatbot.models import (
 )
 from chatbot.prompts import PROMPT_FORMAT_VERSION, encode_example
 from chatbot.retriever import QUERY_TURNS, IndexLoadError, Retriever, query_text
-from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, default_index_dir, set_seed
+from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, default_index_dir, files_sha256, set_seed
 from chatbot.scoring import perplexity
 from chatbot.selector import ResponseSelector, candidate_sets, load_response_selector, precision_at_1
 from chatbot.systems import SYSTEMS, System
@@ -174,7 +174,7 @@ def protocol_key(spec: SystemSpec, args: EvalArguments, settings: GenerationSett
     """What a cached result depends on (a selecting system's: the selector too); a different key discards the cache."""
     adapter = ""
     if spec.adapter:
-        adapter = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(spec.adapter.glob("*.safetensors")))).hexdigest()
+        adapter = files_sha256(sorted(spec.adapter.glob("*.safetensors")))
     chooser = selector.manifest.get("encoder_adapter") if spec.system.select and selector is not None else None
     key = [spec.base_model, adapter, spec.system.retrieval, spec.system.select, args.limit, args.seed, args.k,
            settings.to_dict(), PROMPT_FORMAT_VERSION] + ([chooser] if chooser else [])

@@ -78,7 +78,7 @@ def model_checksum(paths: Sequence[Path]) -> str:
     Hashing a model's weights on every start took longer than loading them; a changed file (new size or mtime,
     as make and rsync judge it) is hashed again.
     """
-    stats = [(str(Path(p).resolve()), Path(p).stat().st_size, Path(p).stat().st_mtime_ns) for p in paths]
+    stats = [(str(Path(p).resolve()), st.st_size, st.st_mtime_ns) for p in paths for st in [Path(p).stat()]]
     memo = cache_dir() / "checksums" / f"{hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:32]}.txt"
     if memo.exists():
         return memo.read_text(encoding="utf-8").strip()

@@ -198,8 +198,8 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
     model = copy.deepcopy(embedder)
     inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
-    steps = -(-len(pairs) // tuning.batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps if tuning.lr_decay else 1.0)
+    starts = range(0, len(pairs), tuning.batch_size)  # one optimizer step per batch
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(starts) if tuning.lr_decay else 1.0)
     loss_fn = MultipleNegativesRankingLoss(model, scale=tuning.scale)
 
     def state() -> dict[str, np.ndarray]:
@@ -222,7 +222,7 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
     order = np.random.default_rng(seed).permutation(len(pairs))
     losses, seen = [], 0
     model.train()
-    for start in tqdm(range(0, len(order), tuning.batch_size), desc="Tuning the selector", disable=not progress):
+    for start in tqdm(starts, desc="Tuning the selector", disable=not progress):
         batch = [pairs[i] for i in order[start:start + tuning.batch_size]]
         # Dialogues and replies are padded apart: replies are short, one shared batch would pad them to dialogues.
         vectors = [F.normalize(model(batch_to_device(model.preprocess(list(side)), model.device))["sentence_embedding"], dim=-1)
