@@ -7,13 +7,15 @@ bot and the page on first use, with the default flags; `python app.py` builds th
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-
-import gradio as gr
+from typing import TYPE_CHECKING
 
 from chatbot import options
 from chatbot.runtime import app_auth, limit_malloc_arenas
-from chatbot.web import build_demo, launch_options, start_index_build
+
+if TYPE_CHECKING:
+    import gradio as gr
 
 
 @dataclass
@@ -35,6 +37,8 @@ class AppArguments:
 
     def launch_kwargs(self) -> dict:
         """`demo.launch` arguments: these flags, and the theme and limits every launch uses."""
+        from chatbot.web import launch_options
+
         auth = tuple(self.auth.split(":", 1)) if self.auth else None
         return {"server_name": self.host, "server_port": self.port, "share": self.share, "auth": auth,
                 **launch_options()}
@@ -43,7 +47,13 @@ class AppArguments:
 def make_demo(args: AppArguments, bot_args: options.BotArguments) -> gr.Blocks:
     """Load the bot (building the index in the background on a Space) and lay out the page for it."""
     limit_malloc_arenas()  # before the model and the worker threads allocate: memory stays flat under load
-    bot = bot_args.load()
+    with ThreadPoolExecutor(1, thread_name_prefix="bot-load") as pool:
+        # Loading the models is mostly native work that releases the GIL: it runs while gradio is imported
+        # here (pure Python), so the page is up sooner.
+        loading = pool.submit(bot_args.load)
+        from chatbot.web import build_demo, start_index_build
+
+        bot = loading.result()
     return build_demo(bot, start_index_build(bot, index_dir=bot_args.index_dir, data_dir=args.data_dir),
                       bot_args.preset)
 

@@ -220,7 +220,7 @@ class EmpatheticChatbot:
     ) -> EmpatheticChatbot:
         """Load everything by name; a missing index, unfit adapter or failed export degrades with a note instead.
 
-        `engine` (default: $ED_ENGINE, else "onnx"): "onnx" serves replies from an ONNX Runtime GenAI export of
+        `engine` (default: $ED_ENGINE, else "onnx"): "onnx" serves replies from an ONNX Runtime export of
         the model (built once into the cache folder), "transformers" from the PyTorch model.
         """
         base_model = base_model or DEFAULT_BASE_MODEL
@@ -286,7 +286,7 @@ class EmpatheticChatbot:
             "emotion_classifier": {k: v for k, v in self.emotion.manifest.items() if k != "labels"}
             if self.emotion else None,
             "k": self.k,
-            "engine": f"onnxruntime-genai ({self.onnx.manifest['precision']})" if self.onnx else "transformers",
+            "engine": f"onnxruntime ({self.onnx.manifest['precision']})" if self.onnx else "transformers",
             "selector": f"{self.selector.manifest.get('kind', '?')} on {self.selector.manifest.get('embedder', '?')}"
             if self.selector else None,
             "notes": list(self.notes),

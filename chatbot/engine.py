@@ -1,4 +1,4 @@
-"""Reply decoding behind one interface, on ONNX Runtime GenAI (served default) or transformers (the reference).
+"""Reply decoding behind one interface, on ONNX Runtime (served default) or transformers (the reference).
 
 Both engines share everything but the forward pass: `Decoder` picks every token itself (the same logits
 processors as `model.generate`, greedy or seeded sampling per row), so greedy text differs between engines only
@@ -6,13 +6,14 @@ where their float arithmetic does. An engine is a `Backend`: next-token logits f
 KV cache.
 
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
-* `OrtBackend` runs an ONNX export of the same model (`export_onnx`, cached with a manifest) through
-  onnxruntime-genai's C API (`chatbot.oga`: its Python bindings hold the GIL through every model call). The
-  LoRA adapter becomes a run-time adapter: its weights are graph inputs whose default is zero (adapter off =
-  base model), switched per generator. onnxruntime-genai decodes one prompt per generator (a batch must share
-  the adapter and, without padding, the prompt), so rows with the same prompt and adapter (a message's
-  candidates) share a generator and the generators of one request step side by side in threads;
-  the session runs concurrent requests too, so users are not serialised behind one lock.
+* `OrtBackend` runs an ONNX export of the same model (onnxruntime-genai's model builder, `export_onnx`, cached
+  with a manifest) on an onnxruntime session, the KV cache bound in place. The LoRA adapter becomes a run-time
+  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per decode.
+  onnxruntime-genai's own generator loop was the engine before: it cannot share one prompt's cache between rows
+  (a message's candidates read their prompt once per row) nor reuse a system turn read before; here each
+  (prompt, adapter) group reads its prompt once (the system turn from `PrefixCache`), copies that cache to its
+  rows, and groups step side by side in threads. Session calls release the GIL, so users are served
+  concurrently, not behind one lock.
 
 Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
 """
@@ -26,15 +27,19 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from transformers import (
     DynamicCache,
@@ -46,7 +51,6 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from chatbot import oga
 from chatbot.generation import GenerationSettings
 from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
@@ -55,13 +59,14 @@ from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads,
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-TUNED_ADAPTER = "tuned"  # the run-time adapter's name inside onnxruntime-genai
 EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
 # Model types whose export was checked against transformers here; others (GPT-2) decode with transformers.
 EXPORTABLE_TYPES = ("llama",)
+# System turns whose KV is kept: one per emotion and adapter state covers a busy app (about 4 MB each for SmolLM2).
+PREFIX_CACHE_SIZE = 16
 
 
 class ExportError(RuntimeError):
@@ -72,7 +77,7 @@ class ExportError(RuntimeError):
 def one_torch_thread() -> Iterator[None]:
     """PyTorch on one thread inside the block: the token choice's tensors are one row of logits per reply, too small
     to gain from a second thread, and OpenMP's idle threads spin after each parallel op, taking the cores that
-    onnxruntime-genai's decode step needs (README: Performance)."""
+    the ONNX session's decode step needs (README: Performance)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -259,40 +264,129 @@ class TorchBackend:
         """Nothing to release: the cache goes with the object."""
 
 
+class PrefixCache:
+    """KV of recently read prompt prefixes (the system turn: instruction, emotion, example count), least recent out.
+
+    Every reply's prompt opens with one of a few system turns; reading it again for each message is a third of the
+    prompt read. Keys are exact token ids and adapter state, so a hit holds exactly what a full read would compute.
+    """
+
+    def __init__(self, size: int = PREFIX_CACHE_SIZE):
+        """An empty cache of at most `size` prefixes."""
+        self.size, self.entries, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: tuple) -> list[np.ndarray] | None:
+        """The KV arrays ([1, heads, length, head size] per past input) for `key`, or None."""
+        with self.lock:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+                return self.entries[key]
+        return None
+
+    def put(self, key: tuple, kv: list[np.ndarray]) -> None:
+        """Remember `kv` for `key`."""
+        with self.lock:
+            self.entries[key] = kv
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
+
+
 @dataclass
 class OnnxModel:
-    """A loaded ONNX export: the onnxruntime-genai model, its run-time adapter (if any) and its manifest."""
+    """A loaded ONNX export: an onnxruntime session over the builder's graph, the tuned adapter's LoRA weights
+    (graph inputs whose default is zero, so leaving them out runs the base model) and the export's manifest."""
 
-    model: oga.Model
-    adapters: oga.Adapters | None  # with TUNED_ADAPTER loaded
+    session: ort.InferenceSession
+    adapter: dict[str, ort.OrtValue] | None  # the tuned adapter's weights by graph input name
     manifest: dict
     path: Path
+    kv_shape: tuple[int, int]  # (key/value heads, head size) of every past input
+    past_names: list[str]  # past_key_values.<layer>.key / .value, in layer order
+    prefix_end: int  # token that closes the system turn (the model's end-of-turn id): prefixes end there
+    prefixes: PrefixCache = field(default_factory=PrefixCache)
 
-    def generator(self, max_length: int, batch_size: int, adapter: bool) -> oga.Generator:
-        """A plain greedy generator for `batch_size` rows, with the tuned adapter on or off."""
-        return oga.Generator(self.model, max_length, batch_size, self.adapters if adapter else None, TUNED_ADAPTER)
+    def decode(self, prompt: Sequence[int], adapter: bool, rows: int, max_length: int) -> KvDecode:
+        """A decode of `rows` continuations of `prompt` (adapter on or off) with room for `max_length` tokens."""
+        return KvDecode(self, tuple(prompt), adapter and self.adapter is not None, rows, max_length)
+
+
+class KvDecode:
+    """One prompt read once, then `rows` continuations stepped together over one preallocated KV cache.
+
+    The cache is bound as both the graph's past and present (the builder's attention writes each new position in
+    place), so a step copies nothing; the prompt's cache is read at batch 1 and copied to every row.
+    """
+
+    def __init__(self, onnx: OnnxModel, prompt: tuple[int, ...], adapter: bool, rows: int, max_length: int):
+        """Set up; no model call happens yet."""
+        self.onnx, self.prompt, self.adapter, self.rows, self.max_length = onnx, prompt, adapter, rows, max_length
+        self.length = 0  # positions in the cache so far
+        self.binding = onnx.session.io_binding()
+
+    def _bind_cache(self, cache: list[np.ndarray]) -> None:
+        self.cache = cache
+        for name, array in zip(self.onnx.past_names, cache):
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self.binding.bind_ortvalue_input(name, value)
+            self.binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        for name, value in (self.onnx.adapter or {}).items() if self.adapter else ():
+            self.binding.bind_ortvalue_input(name, value)
+        self.binding.bind_output("logits", "cpu")
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        """Read `ids` [batch, n] after the cache; float32 logits [batch, vocab] of the last position."""
+        self.length += ids.shape[1]
+        self.binding.bind_cpu_input("input_ids", ids.astype(np.int64))
+        self.binding.bind_cpu_input("attention_mask", np.ones((ids.shape[0], self.length), dtype=np.int64))
+        self.onnx.session.run_with_iobinding(self.binding)  # releases the GIL: other requests run meanwhile
+        # A copy: the output's memory belongs to the binding, which the next call reuses.
+        return self.binding.get_outputs()[-1].numpy().reshape(ids.shape[0], -1).copy()
+
+    def _empty(self, rows: int) -> list[np.ndarray]:
+        return [np.zeros((rows, *self.onnx.kv_shape[:1], self.max_length, self.onnx.kv_shape[1]), dtype=np.float32)
+                for _ in self.onnx.past_names]
+
+    def prefill(self) -> np.ndarray:
+        """Read the prompt (its system turn from the prefix cache when seen before); logits [rows, vocab]."""
+        cut = self.prompt.index(self.onnx.prefix_end) + 1 if self.onnx.prefix_end in self.prompt[:-1] else 0
+        key = (self.adapter, self.prompt[:cut])
+        cached = self.onnx.prefixes.get(key) if cut else None
+        self._bind_cache(self._empty(1))
+        if cached is None and cut:
+            self._run(np.array([self.prompt[:cut]]))
+            self.onnx.prefixes.put(key, [array[:, :, :cut].copy() for array in self.cache])
+        elif cached is not None:
+            for array, part in zip(self.cache, cached):
+                array[:, :, :cut] = part
+            self.length = cut
+        logits = self._run(np.array([self.prompt[self.length:]]))
+        if self.rows > 1:  # every row continues the same prompt: copy its cache rather than read it again
+            self._bind_cache([np.repeat(array, self.rows, axis=0) for array in self.cache])
+        return np.repeat(logits, self.rows, axis=0)
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed one token per row; logits [rows, vocab] after it."""
+        return self._run(np.asarray(tokens)[:, None])
 
 
 class OrtBackend:
-    """onnxruntime-genai generators: one per distinct (prompt, adapter) group, stepped side by side."""
+    """The ONNX export on onnxruntime: one `KvDecode` per distinct (prompt, adapter) group, stepped side by side."""
 
-    name = "onnxruntime-genai"
+    name = "onnxruntime"
 
     def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
-        """Group the rows and create one generator per group (no model call yet)."""
+        """Group the rows (a message's candidates share their prompt's one read); no model call yet."""
         groups: dict[tuple, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault((row.prompt, row.adapter), []).append(i)
         self.groups = list(groups.items())
-        self.generators = []
-        for (prompt, adapter), members in self.groups:
-            # Our own token choice arrives as logits (see `step`): the engine's greedy search adds nothing to it.
-            self.generators.append(onnx.generator(len(prompt) + max_new_tokens + 1, len(members), adapter))
+        self.decodes = [onnx.decode(prompt, adapter, len(members), len(prompt) + max_new_tokens + 1)
+                        for (prompt, adapter), members in self.groups]
         self.rows, self.vocab = len(rows), 0
         self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
 
     def _map(self, fn: object, *args: Sequence) -> list:
-        """Run `fn` for every group, in parallel when there are several (`chatbot.oga` releases the GIL)."""
+        """Run `fn` for every group, in parallel when there are several (model calls release the GIL)."""
         if self.pool is None:
             return [fn(*a) for a in zip(*args)]
         return list(self.pool.map(fn, *args))
@@ -303,38 +397,23 @@ class OrtBackend:
         with one_torch_thread():
             logits = torch.empty(self.rows, vocab)
             for ((_, members), part) in zip(self.groups, parts):
-                logits[members] = torch.from_numpy(np.asarray(part, dtype=np.float32).reshape(len(members), vocab))
+                logits[members] = torch.from_numpy(part)
         return logits
 
     def prefill(self) -> torch.Tensor:
         """Read every group's prompt once (its rows share it)."""
-
-        def read(generator: object, group: tuple) -> np.ndarray:
-            (prompt, _), members = group
-            generator.append_tokens(np.array([prompt] * len(members), dtype=np.int32))
-            return generator.get_logits()
-
-        return self._gather(self._map(read, self.generators, self.groups))
+        return self._gather(self._map(KvDecode.prefill, self.decodes))
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
-        """Hand the engine our tokens as one-hot logits (its greedy search takes them), then read the next logits.
+        """One token per row; a group whose rows have all finished stops (Compare's shorter reply costs no steps)."""
 
-        A generator whose rows have all finished stops: Compare's shorter reply no longer costs steps.
-        """
-
-        def advance(generator: object, group: tuple) -> np.ndarray:
+        def advance(decode: KvDecode, group: tuple) -> np.ndarray:
             _, members = group
             if not any(active[m] for m in members):
                 return np.zeros((len(members), self.vocab), dtype=np.float32)
-            forced = np.full((len(members), self.vocab), -np.inf, dtype=np.float32)
-            forced[np.arange(len(members)), [tokens[m] for m in members]] = 0.0
-            generator.set_logits(forced)
-            generator.generate_next_token()
-            if generator.is_done():  # its end-of-sequence token: later logits would be stale, not the model's
-                raise RuntimeError("onnxruntime-genai ended a sequence that the decoder still decodes")
-            return generator.get_logits()
+            return decode.step([tokens[m] for m in members])
 
-        return self._gather(self._map(advance, self.generators, self.groups))
+        return self._gather(self._map(advance, self.decodes, self.groups))
 
     def close(self) -> None:
         """Free the worker threads."""
@@ -363,7 +442,7 @@ def export_manifest(chat: ChatModel, precision: str) -> dict:
         "base_model": chat.base_model,
         "adapter": str(chat.adapter_path) if chat.adapter_path else None,
         "source_sha256": model_checksum(_sources(chat)),
-        "builder": f"onnxruntime-genai {oga.version()}",
+        "builder": f"onnxruntime-genai {builder_version()}",
         "precision": precision,
     }
 
@@ -436,26 +515,38 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
     return target
 
 
+def builder_version() -> str:
+    """The installed onnxruntime-genai (its model builder makes the export); ExportError without it."""
+    try:
+        return metadata.version("onnxruntime-genai")
+    except metadata.PackageNotFoundError as err:
+        raise ExportError("onnxruntime-genai is not installed (its model builder exports the model); "
+                          "pip install onnxruntime-genai") from err
+
+
 def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
     """The ONNX export of `chat` (built on first use), loaded; raises ExportError with the reason otherwise."""
-    try:
-        oga.library()
-    except (ImportError, oga.OgaError) as err:
-        raise ExportError(f"onnxruntime-genai is not usable ({err}); pip install onnxruntime-genai") from err
     path = export_onnx(chat, precision)
     manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
     try:
-        # Every core, threads asleep between calls: spinning ones took the cores from concurrent requests' Python.
-        options = {"intra_op_num_threads": cpu_threads(), "session.intra_op.allow_spinning": "0"}
-        model = oga.Model(path, {"model": {"decoder": {"session_options": options}}})
-        adapters = None
+        config = json.loads((path / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        decoder = config["decoder"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = cpu_threads()  # every core
+        # Threads asleep between calls: spinning ones took the cores from concurrent requests' Python.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # not the warning that the LoRA inputs' zero defaults stay inputs
+        session = ort.InferenceSession(str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"])
+        adapter = None
         if (path / ADAPTER_FILE).exists():
-            adapters = oga.Adapters(model)
-            adapters.load(path / ADAPTER_FILE, TUNED_ADAPTER)
+            adapter = ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
+        past = [decoder["inputs"][f"past_{kind}_names"] % layer
+                for layer in range(decoder["num_hidden_layers"]) for kind in ("key", "value")]
+        kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
     except Exception as err:  # a corrupt export: the caller falls back; the next start rebuilds it
         shutil.rmtree(path, ignore_errors=True)
         raise ExportError(f"the cached ONNX export at {path} could not be loaded ({err}); it was removed") from err
-    return OnnxModel(model, adapters, manifest, path)
+    return OnnxModel(session, adapter, manifest, path, kv_shape, past, config["eos_token_id"])
 
 
 @dataclass
@@ -493,12 +584,9 @@ def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool)
 
     The prompt ids[:start] in one call, then one token per call: the export's LM head scores the last position only.
     """
-    generator = onnx.generator(len(ids) + 1, 1, adapter)
-    rows = []
-    for chunk in [ids[:start], *([token] for token in ids[start:-1])]:
-        generator.append_tokens(np.array([chunk], dtype=np.int32))
-        rows.append(np.asarray(generator.get_logits(), dtype=np.float32).reshape(-1))
-    return torch.from_numpy(np.stack(rows))
+    decode = onnx.decode(ids[:start], adapter, 1, len(ids) + 1)
+    rows = [decode.prefill()] + [decode.step([token]) for token in ids[start:-1]]
+    return torch.from_numpy(np.concatenate(rows))
 
 
 def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, limit: int = 200,
@@ -515,7 +603,7 @@ def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, li
                 for ex in load_examples(data_dir, "test", limit, seed)]
     systems = {}
     for system, adapter in (("base", False), ("tuned", True)):
-        if adapter and not (chat.has_adapter and onnx.adapters is not None):
+        if adapter and not (chat.has_adapter and onnx.adapter is not None):
             continue
         totals = {"transformers": 0.0, "served": 0.0}
         tokens = 0

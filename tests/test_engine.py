@@ -258,8 +258,9 @@ def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
 
     import numpy as np
 
-    generator = onnx.generator(1201, 4, adapter=False)
-    prompt = np.array([encode(shipped, "My dog died today. " * 60)[:1200]] * 4, dtype=np.int32)
+    # Four different prompts: four groups, four prompt reads side by side, each a session call.
+    prompts = [encode(shipped, f"My dog {i} died today. " * 60)[:1200] for i in range(4)]
+    backend = OrtBackend(onnx, [Row(tuple(p), False, False) for p in prompts], 1)
     ticks, stop = [], threading.Event()
 
     def tick() -> None:
@@ -271,7 +272,7 @@ def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
     thread.start()
     time.sleep(0.05)
     started = time.perf_counter()
-    generator.append_tokens(prompt)
+    backend.prefill()
     took = time.perf_counter() - started
     stop.set()
     thread.join()
@@ -296,14 +297,14 @@ def test_requests_served_side_by_side_get_the_replies_they_get_alone(shipped, on
     alone = [reply(m) for m in messages]
     with ThreadPoolExecutor(len(messages)) as pool:
         assert list(pool.map(reply, messages)) == alone
-    assert {engine_name for engine_name, _ in alone} == {"onnxruntime-genai"}
+    assert {engine_name for engine_name, _ in alone} == {"onnxruntime"}
     *_, (left, right) = bot.compare_stream(messages[0], "base", "tuned", settings=GREEDY)
     assert right.text == alone[0][1] and left.text == bot.respond(messages[0], settings=GREEDY, system="base").text
 
 
 @pytest.mark.integration
-def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
-    """Compare's shorter reply: its generator takes no further steps while the other reply goes on."""
+def test_onnx_decode_stops_once_its_rows_finish(shipped, onnx):
+    """Compare's shorter reply: its decode takes no further steps while the other reply goes on."""
     prompts = [encode(shipped, "Hello"), encode(shipped, "My sister is visiting next week!")]
     rows = [Row(tuple(p), adapter, False) for p, adapter in zip(prompts, (False, True))]
     stop = stop_token_ids(shipped.model, shipped.tokenizer)
@@ -314,18 +315,68 @@ def test_onnx_generator_stops_once_its_rows_finish(shipped, onnx):
         if step == 2:
             decoder.finish(0)
     # Each step after the first feeds the previous token: the first row was fed 2, the second max_new_tokens - 1.
-    counts = [generator.token_count() for generator in backend.generators]
+    counts = [decode.length for decode in backend.decodes]
     assert counts == [len(prompts[0]) + 2, len(prompts[1]) + GREEDY.max_new_tokens - 1]
 
 
 @pytest.mark.integration
-def test_onnx_backend_refuses_to_go_on_after_the_engine_ended_a_row(shipped, onnx):
-    """An end-of-turn token the decoder does not treat as one would leave the engine's logits stale: an error."""
-    rows = [Row(tuple(encode(shipped, "Hello")), False, False)]
-    backend = OrtBackend(onnx, rows, GREEDY.max_new_tokens)
-    backend.prefill()
-    with pytest.raises(RuntimeError, match="ended"):
-        backend.step([shipped.tokenizer.eos_token_id], [True])
+def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shipped, onnx, monkeypatch):
+    """A message's 4 candidates share one batch-1 prompt read, and each gets the tokens it gets decoded alone."""
+    bot = EmpatheticChatbot(shipped)
+    prompt = encode(shipped, bot.prompt_for("My little brother beat me at chess.", [], [], "proud").text)
+    settings = PRESETS["chat"].updated(max_new_tokens=12, candidates=4, seed=3)
+    rows = candidate_rows(prompt, True, settings)
+    stop = stop_token_ids(shipped.model, shipped.tokenizer)
+    reads = []
+    original = engine.KvDecode._run
+    monkeypatch.setattr(engine.KvDecode, "_run", lambda self, ids: reads.append(ids.shape) or original(self, ids))
+
+    def tokens(backend_rows: list[Row]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in backend_rows]
+        backend = OrtBackend(onnx, backend_rows, settings.max_new_tokens)
+        for step in Decoder(backend, backend_rows, settings, stop, shipped.tokenizer.pad_token_id):
+            for row, token in enumerate(step):
+                if token is not None:
+                    out[row].append(token)
+        return out
+
+    together = tokens(rows)
+    prompt_reads = [shape for shape in reads if shape[1] > 1]
+    assert sum(n for _, n in prompt_reads) == len(prompt) and {b for b, _ in prompt_reads} == {1}
+    assert [tokens([row])[0] for row in rows] == together
+    assert len({tuple(t) for t in together}) == 4  # the greedy reply and three distinct samples
+
+
+@pytest.mark.integration
+def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_logits(shipped, onnx):
+    import dataclasses
+
+    import numpy as np
+
+    bot = EmpatheticChatbot(shipped)
+    first, second = (encode(shipped, bot.prompt_for(m, [], [], "sad").text)
+                     for m in ("My dog died today.", "I lost my job this morning and I do not know what to do."))
+    cut = first.index(shipped.tokenizer.convert_tokens_to_ids("<|im_end|>")) + 1
+    assert first[:cut] == second[:cut] and cut > 50  # the system turn: instruction and emotion
+    cached = dataclasses.replace(onnx, prefixes=engine.PrefixCache())
+    uncached = dataclasses.replace(onnx, prefixes=engine.PrefixCache(size=0))
+    for adapter in (False, True):
+        cached.decode(first, adapter, 1, len(first) + 2).prefill()
+        decode = cached.decode(second, adapter, 1, len(second) + 2)
+        hit = decode.prefill()
+        fresh = uncached.decode(second, adapter, 1, len(second) + 2).prefill()
+        assert decode.length == len(second) and np.abs(hit - fresh).max() < 1e-3
+        assert hit.argmax() == fresh.argmax()
+    assert len(cached.prefixes.entries) == 2 and not uncached.prefixes.entries  # one system turn per adapter state
+
+
+def test_prefix_cache_keeps_the_most_recently_used():
+    cache = engine.PrefixCache(size=2)
+    for key in "abc":
+        cache.put(key, [key])
+    assert cache.get("a") is None and cache.get("b") == ["b"]
+    cache.put("d", ["d"])  # "c" is now the least recently used
+    assert cache.get("c") is None and list(cache.entries) == ["b", "d"]
 
 
 @pytest.mark.integration
