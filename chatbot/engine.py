@@ -8,12 +8,12 @@ KV cache.
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
 * `OrtBackend` runs an ONNX export of the same model (onnxruntime-genai's model builder, `export_onnx`, cached
   with a manifest) on an onnxruntime session, the KV cache bound in place. The LoRA adapter becomes a run-time
-  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per decode.
-  onnxruntime-genai's own generator loop was the engine before: it cannot share one prompt's cache between rows
-  (a message's candidates read their prompt once per row) nor reuse a system turn read before; here each
-  (prompt, adapter) group reads its prompt once (the system turn from `PrefixCache`), copies that cache to its
-  rows, and groups step side by side in threads. Session calls release the GIL, so users are served
-  concurrently, not behind one lock.
+  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per decode,
+  and a per-row scale lets base and tuned rows (Compare) step in one batch. onnxruntime-genai's own generator
+  loop was the engine before: it cannot share one prompt's cache between rows (a message's candidates read
+  their prompt once per row), reuse a system turn read before, or mix adapters in a batch; here every distinct
+  (prompt, adapter) is read once (the system turn from `PrefixCache`) and its cache copied to its rows. Session
+  calls release the GIL, so users are served concurrently, not behind one lock.
 
 Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
 """
@@ -31,7 +31,6 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -59,7 +58,9 @@ from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads,
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head)
+# Bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head; 3: per-row LoRA scale).
+EXPORT_FORMAT_VERSION = 3
+ROW_SCALE = "lora_row_scale"  # graph input [batch, 1, 1]: each row's share of the LoRA update (1 tuned, 0 base)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -305,120 +306,120 @@ class OnnxModel:
     prefix_end: int  # token that closes the system turn (the model's end-of-turn id): prefixes end there
     prefixes: PrefixCache = field(default_factory=PrefixCache)
 
-    def decode(self, prompt: Sequence[int], adapter: bool, rows: int, max_length: int) -> KvDecode:
-        """A decode of `rows` continuations of `prompt` (adapter on or off) with room for `max_length` tokens."""
-        return KvDecode(self, tuple(prompt), adapter and self.adapter is not None, rows, max_length)
+    def decode(self, rows: Sequence[Row], max_new_tokens: int) -> KvDecode:
+        """A decode of `rows` (each a prompt and adapter state) with room for `max_new_tokens` new tokens each."""
+        return KvDecode(self, rows, max_new_tokens)
 
 
 class KvDecode:
-    """One prompt read once, then `rows` continuations stepped together over one preallocated KV cache.
+    """Rows decoded as one batch over one preallocated KV cache, whatever their prompts and adapter states.
 
-    The cache is bound as both the graph's past and present (the builder's attention writes each new position in
-    place), so a step copies nothing; the prompt's cache is read at batch 1 and copied to every row.
+    Each distinct (prompt, adapter) is read once at batch 1 (its system turn from the prefix cache) and its cache
+    copied to its rows, so a message's candidates read their prompt once. Rows are right-padded: the attention
+    mask marks each row's own length and the builder's attention writes a row's next position there. The cache
+    is bound as both the graph's past and present, so a step copies nothing; base and tuned rows share a step
+    through the export's per-row LoRA scale.
     """
 
-    def __init__(self, onnx: OnnxModel, prompt: tuple[int, ...], adapter: bool, rows: int, max_length: int):
+    def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
         """Set up; no model call happens yet."""
-        self.onnx, self.prompt, self.adapter, self.rows, self.max_length = onnx, prompt, adapter, rows, max_length
-        self.length = 0  # positions in the cache so far
+        self.onnx = onnx
+        self.keys = [(row.prompt, row.adapter and onnx.adapter is not None) for row in rows]
+        self.width = max(len(prompt) for prompt, _ in self.keys) + max_new_tokens + 1
+        self.lengths = np.array([len(prompt) for prompt, _ in self.keys])  # positions in each row's cache so far
         self.binding = onnx.session.io_binding()
 
-    def _bind_cache(self, cache: list[np.ndarray]) -> None:
-        self.cache = cache
+    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray], adapters: list[bool]) -> None:
         for name, array in zip(self.onnx.past_names, cache):
             value = ort.OrtValue.ortvalue_from_numpy(array)
-            self.binding.bind_ortvalue_input(name, value)
-            self.binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        for name, value in (self.onnx.adapter or {}).items() if self.adapter else ():
-            self.binding.bind_ortvalue_input(name, value)
-        self.binding.bind_output("logits", "cpu")
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
+        if any(adapters):
+            for name, value in self.onnx.adapter.items():
+                binding.bind_ortvalue_input(name, value)
+            if not all(adapters):  # a mixed batch: base rows take none of the update
+                # As an OrtValue (binding a plain array looks the name up among graph inputs, not initializers),
+                # kept here: the binding does not keep its memory alive.
+                self.row_scale = ort.OrtValue.ortvalue_from_numpy(np.array(adapters, dtype=np.float32)[:, None, None])
+                binding.bind_ortvalue_input(ROW_SCALE, self.row_scale)
+        binding.bind_output("logits", "cpu")
 
-    def _run(self, ids: np.ndarray) -> np.ndarray:
-        """Read `ids` [batch, n] after the cache; float32 logits [batch, vocab] of the last position."""
-        self.length += ids.shape[1]
-        self.binding.bind_cpu_input("input_ids", ids.astype(np.int64))
-        self.binding.bind_cpu_input("attention_mask", np.ones((ids.shape[0], self.length), dtype=np.int64))
-        self.onnx.session.run_with_iobinding(self.binding)  # releases the GIL: other requests run meanwhile
+    def _run(self, binding: ort.IOBinding, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Read `ids` [batch, n] ending at `lengths` (row by row); float32 logits [batch, vocab] of the last position."""
+        binding.bind_cpu_input("input_ids", ids.astype(np.int64))
+        mask = np.arange(lengths.max())[None, :] < lengths[:, None]
+        binding.bind_cpu_input("attention_mask", mask.astype(np.int64))
+        self.onnx.session.run_with_iobinding(binding)  # releases the GIL: other requests run meanwhile
         # A copy: the output's memory belongs to the binding, which the next call reuses.
-        return self.binding.get_outputs()[-1].numpy().reshape(ids.shape[0], -1).copy()
+        return binding.get_outputs()[-1].numpy().reshape(ids.shape[0], -1).copy()
 
-    def _empty(self, rows: int) -> list[np.ndarray]:
-        return [np.zeros((rows, *self.onnx.kv_shape[:1], self.max_length, self.onnx.kv_shape[1]), dtype=np.float32)
-                for _ in self.onnx.past_names]
+    def _read(self, prompt: tuple[int, ...], adapter: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One prompt at batch 1 (its system turn from the prefix cache when seen before): logits and cache."""
+        shape = (1, self.onnx.kv_shape[0], self.width, self.onnx.kv_shape[1])
+        cache = [np.zeros(shape, dtype=np.float32) for _ in self.onnx.past_names]
+        binding = self.onnx.session.io_binding()
+        self._bind(binding, cache, [adapter])
+        end = self.onnx.prefix_end
+        cut = prompt.index(end) + 1 if end in prompt[:-1] else 0
+        key = (adapter, prompt[:cut])
+        cached = self.onnx.prefixes.get(key) if cut else None
+        if cached is None and cut:
+            self._run(binding, np.array([prompt[:cut]]), np.array([cut]))
+            self.onnx.prefixes.put(key, [array[:, :, :cut].copy() for array in cache])
+        elif cached is not None:
+            for array, part in zip(cache, cached):
+                array[:, :, :cut] = part
+        return self._run(binding, np.array([prompt[cut:]]), np.array([len(prompt)])), cache
 
     def prefill(self) -> np.ndarray:
-        """Read the prompt (its system turn from the prefix cache when seen before); logits [rows, vocab]."""
-        cut = self.prompt.index(self.onnx.prefix_end) + 1 if self.onnx.prefix_end in self.prompt[:-1] else 0
-        key = (self.adapter, self.prompt[:cut])
-        cached = self.onnx.prefixes.get(key) if cut else None
-        self._bind_cache(self._empty(1))
-        if cached is None and cut:
-            self._run(np.array([self.prompt[:cut]]))
-            self.onnx.prefixes.put(key, [array[:, :, :cut].copy() for array in self.cache])
-        elif cached is not None:
-            for array, part in zip(self.cache, cached):
-                array[:, :, :cut] = part
-            self.length = cut
-        logits = self._run(np.array([self.prompt[self.length:]]))
-        if self.rows > 1:  # every row continues the same prompt: copy its cache rather than read it again
-            self._bind_cache([np.repeat(array, self.rows, axis=0) for array in self.cache])
-        return np.repeat(logits, self.rows, axis=0)
+        """Read every distinct prompt once; logits [rows, vocab]."""
+        reads = {key: self._read(*key) for key in dict.fromkeys(self.keys)}
+        self.cache = [np.concatenate([reads[key][1][i] for key in self.keys]) for i in range(len(self.onnx.past_names))]
+        self._bind(self.binding, self.cache, [adapter for _, adapter in self.keys])
+        self.batch = list(range(len(self.keys)))  # the rows still in the batch, in batch order
+        return np.concatenate([reads[key][0] for key in self.keys])
 
-    def step(self, tokens: Sequence[int]) -> np.ndarray:
-        """Feed one token per row; logits [rows, vocab] after it."""
-        return self._run(np.asarray(tokens)[:, None])
+    def _narrow(self, live: list[int]) -> None:
+        """Decode only the `live` rows from now on (a copy of their cache, bound afresh)."""
+        keep = [self.batch.index(row) for row in live]
+        self.cache = [array[keep] for array in self.cache]
+        self.lengths, self.batch = self.lengths[keep], live
+        self.binding = self.onnx.session.io_binding()
+        self._bind(self.binding, self.cache, [self.keys[row][1] for row in live])
+
+    def step(self, tokens: Sequence[int], active: Sequence[bool]) -> np.ndarray:
+        """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch)."""
+        live = [row for row in self.batch if active[row]]
+        # Once half the batch has finished, the rest go on without it (Compare's longer reply, a last candidate):
+        # a step then reads less, for one copy of the cache.
+        if 0 < len(live) <= len(self.batch) // 2:
+            self._narrow(live)
+        self.lengths += 1
+        logits = self._run(self.binding, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
+        out = np.zeros((len(self.keys), logits.shape[1]), dtype=np.float32)
+        out[self.batch] = logits
+        return out
 
 
 class OrtBackend:
-    """The ONNX export on onnxruntime: one `KvDecode` per distinct (prompt, adapter) group, stepped side by side."""
+    """The ONNX export on onnxruntime: every row of a request in one `KvDecode` batch."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
-        """Group the rows (a message's candidates share their prompt's one read); no model call yet."""
-        groups: dict[tuple, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault((row.prompt, row.adapter), []).append(i)
-        self.groups = list(groups.items())
-        self.decodes = [onnx.decode(prompt, adapter, len(members), len(prompt) + max_new_tokens + 1)
-                        for (prompt, adapter), members in self.groups]
-        self.rows, self.vocab = len(rows), 0
-        self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
-
-    def _map(self, fn: object, *args: Sequence) -> list:
-        """Run `fn` for every group, in parallel when there are several (model calls release the GIL)."""
-        if self.pool is None:
-            return [fn(*a) for a in zip(*args)]
-        return list(self.pool.map(fn, *args))
-
-    def _gather(self, parts: list[np.ndarray]) -> torch.Tensor:
-        """Per-group logits back into row order."""
-        vocab = self.vocab = parts[0].shape[-1]
-        with one_torch_thread():
-            logits = torch.empty(self.rows, vocab)
-            for ((_, members), part) in zip(self.groups, parts):
-                logits[members] = torch.from_numpy(part)
-        return logits
+        """Set up the batch; no model call yet."""
+        self.decode = onnx.decode(rows, max_new_tokens)
 
     def prefill(self) -> torch.Tensor:
-        """Read every group's prompt once (its rows share it)."""
-        return self._gather(self._map(KvDecode.prefill, self.decodes))
+        """Read every distinct prompt once (rows with the same prompt and adapter share it)."""
+        return torch.from_numpy(self.decode.prefill())
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
-        """One token per row; a group whose rows have all finished stops (Compare's shorter reply costs no steps)."""
-
-        def advance(decode: KvDecode, group: tuple) -> np.ndarray:
-            _, members = group
-            if not any(active[m] for m in members):
-                return np.zeros((len(members), self.vocab), dtype=np.float32)
-            return decode.step([tokens[m] for m in members])
-
-        return self._gather(self._map(advance, self.decodes, self.groups))
+        """One token per row; finished rows leave the batch once they are half of it."""
+        return torch.from_numpy(self.decode.step(tokens, active))
 
     def close(self) -> None:
-        """Free the worker threads."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+        """Nothing to release: the cache goes with the object."""
 
 
 def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
@@ -469,6 +470,23 @@ def _runtime_adapter(model_dir: Path) -> None:
             graph.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     if not weights:
         raise ExportError("the exported graph has no LoRA weights to turn into a run-time adapter")
+    # Each LoRA update (the builder adds it to the projection: ".../lora/Add") is scaled per row, so base and tuned
+    # rows decode in one batch; the input's default of 1 leaves a batch that is all one kind as it was.
+    scale = helper.make_tensor_value_info(ROW_SCALE, onnx.TensorProto.FLOAT, ["batch_size", 1, 1])
+    graph.graph.input.append(scale)
+    graph.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1, 1), dtype=np.float32), ROW_SCALE))
+    nodes = []
+    for node in graph.graph.node:
+        if node.op_type == "Add" and node.name.endswith("/lora/Add"):
+            update = next(i for i, name in enumerate(node.input) if "lora_B" in name)
+            scaled = f"{node.input[update]}/row_scaled"
+            nodes.append(helper.make_node("Mul", [node.input[update], ROW_SCALE], [scaled], name=f"{node.name}/RowScale"))
+            node.input[update] = scaled
+        nodes.append(node)
+    if sum(node.op_type == "Mul" and node.name.endswith("/RowScale") for node in nodes) != len(weights) // 2:
+        raise ExportError("the exported graph's LoRA updates are not where the per-row scale expects them")
+    graph.graph.ClearField("node")
+    graph.graph.node.extend(nodes)
     for path in model_dir.glob("model.onnx*"):
         path.unlink()
     onnx.save(graph, str(graph_path), save_as_external_data=True, location="model.onnx.data")
@@ -539,7 +557,9 @@ def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
         session = ort.InferenceSession(str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"])
         adapter = None
         if (path / ADAPTER_FILE).exists():
-            adapter = ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
+            # Copied into arrays that the OrtValues keep alive, rather than views of the file reader's buffers.
+            weights = ort.AdapterFormat.read_adapter(str(path / ADAPTER_FILE)).get_parameters()
+            adapter = {name: ort.OrtValue.ortvalue_from_numpy(value.numpy().copy()) for name, value in weights.items()}
         past = [decoder["inputs"][f"past_{kind}_names"] % layer
                 for layer in range(decoder["num_hidden_layers"]) for kind in ("key", "value")]
         kv_shape = (decoder["num_key_value_heads"], decoder["head_size"])
@@ -584,8 +604,8 @@ def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool)
 
     The prompt ids[:start] in one call, then one token per call: the export's LM head scores the last position only.
     """
-    decode = onnx.decode(ids[:start], adapter, 1, len(ids) + 1)
-    rows = [decode.prefill()] + [decode.step([token]) for token in ids[start:-1]]
+    decode = onnx.decode([Row(tuple(ids[:start]), adapter, False)], len(ids) - start)
+    rows = [decode.prefill()] + [decode.step([token], [True]) for token in ids[start:-1]]
     return torch.from_numpy(np.concatenate(rows))
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import SuppressTokensLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+from transformers import TopKLogitsWarper, TopPLogitsWarper
 
 import chatbot.engine as engine
 from chatbot.bot import EmpatheticChatbot
@@ -303,20 +304,23 @@ def test_requests_served_side_by_side_get_the_replies_they_get_alone(shipped, on
 
 
 @pytest.mark.integration
-def test_onnx_decode_stops_once_its_rows_finish(shipped, onnx):
-    """Compare's shorter reply: its decode takes no further steps while the other reply goes on."""
-    prompts = [encode(shipped, "Hello"), encode(shipped, "My sister is visiting next week!")]
-    rows = [Row(tuple(p), adapter, False) for p, adapter in zip(prompts, (False, True))]
-    stop = stop_token_ids(shipped.model, shipped.tokenizer)
-    backend = OrtBackend(onnx, rows, GREEDY.max_new_tokens)
-    decoder = Decoder(backend, rows, GREEDY, stop, shipped.tokenizer.pad_token_id)
-    decoder.processors.insert(0, SuppressTokensLogitsProcessor(sorted(stop)))  # the second row runs to the limit
-    for step, _ in enumerate(decoder):
-        if step == 2:
-            decoder.finish(0)
-    # Each step after the first feeds the previous token: the first row was fed 2, the second max_new_tokens - 1.
-    counts = [decode.length for decode in backend.decodes]
-    assert counts == [len(prompts[0]) + 2, len(prompts[1]) + GREEDY.max_new_tokens - 1]
+def test_compare_steps_base_and_tuned_rows_of_different_prompts_as_one_batch(shipped, onnx, monkeypatch):
+    """Each step of a mixed batch is one session call for both rows until one ends, and each row gets the tokens it
+    gets alone."""
+    bot = EmpatheticChatbot(shipped)
+    prompts = [encode(shipped, bot.prompt_for(m, [], [], None).text) for m in ("My dog died today. I am so sad.", "Thanks.")]
+    settings = GREEDY.updated(max_new_tokens=20)
+    calls = []
+    original = engine.KvDecode._run
+    monkeypatch.setattr(engine.KvDecode, "_run",
+                        lambda self, binding, ids, lengths: calls.append(ids.shape) or original(self, binding, ids, lengths))
+    together = loop_tokens(shipped, prompts, settings, [False, True], backend=lambda r: OrtBackend(onnx, r, 20))
+    steps = [shape[0] for shape in calls if shape[1] == 1]
+    # Each step after the first feeds the previous token; the tuned reply ends first and leaves the batch.
+    shorter, longer = sorted(len(t) for t in together)
+    assert 1 < shorter < longer and steps == [2] * (shorter - 1) + [1] * (longer - shorter)
+    assert [loop_tokens(shipped, [p], settings, [a], backend=lambda r: OrtBackend(onnx, r, 20))[0]
+            for p, a in zip(prompts, (False, True))] == together
 
 
 @pytest.mark.integration
@@ -327,9 +331,11 @@ def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shippe
     settings = PRESETS["chat"].updated(max_new_tokens=12, candidates=4, seed=3)
     rows = candidate_rows(prompt, True, settings)
     stop = stop_token_ids(shipped.model, shipped.tokenizer)
+    onnx = dataclasses.replace(onnx, prefixes=engine.PrefixCache())  # the whole prompt is read here
     reads = []
     original = engine.KvDecode._run
-    monkeypatch.setattr(engine.KvDecode, "_run", lambda self, ids: reads.append(ids.shape) or original(self, ids))
+    monkeypatch.setattr(engine.KvDecode, "_run",
+                        lambda self, binding, ids, lengths: reads.append(ids.shape) or original(self, binding, ids, lengths))
 
     def tokens(backend_rows: list[Row]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in backend_rows]
@@ -348,9 +354,7 @@ def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shippe
 
 
 @pytest.mark.integration
-def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_logits(shipped, onnx):
-    import dataclasses
-
+def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_logits(shipped, onnx, monkeypatch):
     import numpy as np
 
     bot = EmpatheticChatbot(shipped)
@@ -360,12 +364,17 @@ def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_log
     assert first[:cut] == second[:cut] and cut > 50  # the system turn: instruction and emotion
     cached = dataclasses.replace(onnx, prefixes=engine.PrefixCache())
     uncached = dataclasses.replace(onnx, prefixes=engine.PrefixCache(size=0))
+    reads = []
+    original = engine.KvDecode._run
+    monkeypatch.setattr(engine.KvDecode, "_run",
+                        lambda self, binding, ids, lengths: reads.append(ids.shape[1]) or original(self, binding, ids, lengths))
     for adapter in (False, True):
-        cached.decode(first, adapter, 1, len(first) + 2).prefill()
-        decode = cached.decode(second, adapter, 1, len(second) + 2)
-        hit = decode.prefill()
-        fresh = uncached.decode(second, adapter, 1, len(second) + 2).prefill()
-        assert decode.length == len(second) and np.abs(hit - fresh).max() < 1e-3
+        cached.decode([Row(tuple(first), adapter, False)], 1).prefill()
+        reads.clear()
+        hit = cached.decode([Row(tuple(second), adapter, False)], 1).prefill()
+        assert reads == [len(second) - cut]  # only what follows the system turn
+        fresh = uncached.decode([Row(tuple(second), adapter, False)], 1).prefill()
+        assert np.abs(hit - fresh).max() < 1e-3
         assert hit.argmax() == fresh.argmax()
     assert len(cached.prefixes.entries) == 2 and not uncached.prefixes.entries  # one system turn per adapter state
 
