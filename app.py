@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from chatbot import options
-from chatbot.runtime import app_auth, limit_malloc_arenas
+from chatbot.runtime import app_auth, headless_matplotlib, limit_malloc_arenas
 
 if TYPE_CHECKING:
     import gradio as gr
@@ -47,6 +47,7 @@ class AppArguments:
 def make_demo(args: AppArguments, bot_args: options.BotArguments) -> gr.Blocks:
     """Load the bot (building the index in the background on a Space) and lay out the page for it."""
     limit_malloc_arenas()  # before the model and the worker threads allocate: memory stays flat under load
+    headless_matplotlib()
     with ThreadPoolExecutor(1, thread_name_prefix="bot-load") as pool:
         # Loading the models is mostly native work that releases the GIL: it runs while gradio is imported
         # here (pure Python), so the page is up sooner.

@@ -156,3 +156,13 @@ def limit_malloc_arenas(arenas: int = SERVER_MALLOC_ARENAS) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas))
     except (OSError, AttributeError):
         return False
+
+
+def headless_matplotlib() -> None:
+    """Start matplotlib on its file-only backend unless one is chosen ($MPLBACKEND), for a server that draws nothing.
+
+    Gradio wraps every event in a switch to matplotlib's Agg backend: on the first request that imports matplotlib
+    and, to read the backend it would restore, pyplot, a quarter of a second of the first reply. Named up front,
+    the backend is read without pyplot.
+    """
+    os.environ.setdefault("MPLBACKEND", "Agg")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import http.client
 import importlib
+import os
 import sys
 import time
 
@@ -384,3 +385,15 @@ def test_real_model_answers_through_the_api():
             "My dog died today. I am so distraught.", [], True, api_name="/respond")
     assert len(reply.split()) >= 3 and retrieved
     assert emotion in bot.emotion.labels  # the classifier ships in assets/emotion
+
+
+def test_the_server_names_a_matplotlib_backend_unless_one_is_chosen(monkeypatch):
+    """Gradio switches matplotlib's backend around every event; named up front, the first one skips pyplot."""
+    from chatbot.runtime import headless_matplotlib
+
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    headless_matplotlib()
+    assert os.environ["MPLBACKEND"] == "Agg"
+    monkeypatch.setenv("MPLBACKEND", "pdf")
+    headless_matplotlib()
+    assert os.environ["MPLBACKEND"] == "pdf"
