@@ -8,12 +8,12 @@ KV cache.
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
 * `OrtBackend` runs an ONNX export of the same model (onnxruntime-genai's model builder, `export_onnx`, cached
   with a manifest) on an onnxruntime session, the KV cache bound in place. The LoRA adapter becomes a run-time
-  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per decode,
-  and a per-row scale lets base and tuned rows (Compare) step in one batch. onnxruntime-genai's own generator
-  loop was the engine before: it cannot share one prompt's cache between rows (a message's candidates read
-  their prompt once per row), reuse a system turn read before, or mix adapters in a batch; here every distinct
-  (prompt, adapter) is read once (the system turn from `PrefixCache`) and its cache copied to its rows. Session
-  calls release the GIL, so users are served concurrently, not behind one lock.
+  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per call.
+  onnxruntime-genai's own generator loop was the engine before: it cannot share one prompt's cache between rows
+  (a message's candidates read their prompt once per row) nor reuse a system turn read before; here every
+  distinct (prompt, adapter) is read once (the system turn from `PrefixCache`) and its cache copied to its rows,
+  rows of one adapter state step as one batch, and Compare's base and tuned batches step side by side in
+  threads. Session calls release the GIL, so users are served concurrently, not behind one lock.
 
 Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
 """
@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -58,9 +59,7 @@ from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads,
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-# Bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head; 3: per-row LoRA scale).
-EXPORT_FORMAT_VERSION = 3
-ROW_SCALE = "lora_row_scale"  # graph input [batch, 1, 1]: each row's share of the LoRA update (1 tuned, 0 base)
+EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -304,44 +303,38 @@ class OnnxModel:
     kv_shape: tuple[int, int]  # (key/value heads, head size) of every past input
     past_names: list[str]  # past_key_values.<layer>.key / .value, in layer order
     prefix_end: int  # token that closes the system turn (the model's end-of-turn id): prefixes end there
+    vocab: int  # logits per position
     prefixes: PrefixCache = field(default_factory=PrefixCache)
 
-    def decode(self, rows: Sequence[Row], max_new_tokens: int) -> KvDecode:
-        """A decode of `rows` (each a prompt and adapter state) with room for `max_new_tokens` new tokens each."""
-        return KvDecode(self, rows, max_new_tokens)
+    def decode(self, prompts: Sequence[Sequence[int]], adapter: bool, max_new_tokens: int) -> KvDecode:
+        """A decode of one row per prompt, adapter on or off, with room for `max_new_tokens` new tokens each."""
+        return KvDecode(self, [tuple(p) for p in prompts], adapter, max_new_tokens)
 
 
 class KvDecode:
-    """Rows decoded as one batch over one preallocated KV cache, whatever their prompts and adapter states.
+    """Rows of one adapter state decoded as one batch over one preallocated KV cache, whatever their prompts.
 
-    Each distinct (prompt, adapter) is read once at batch 1 (its system turn from the prefix cache) and its cache
-    copied to its rows, so a message's candidates read their prompt once. Rows are right-padded: the attention
-    mask marks each row's own length and the builder's attention writes a row's next position there. The cache
-    is bound as both the graph's past and present, so a step copies nothing; base and tuned rows share a step
-    through the export's per-row LoRA scale.
+    Each distinct prompt is read once at batch 1 (its system turn from the prefix cache) and its cache copied to
+    its rows, so a message's candidates read their prompt once. Rows are right-padded: the attention mask marks
+    each row's own length and the builder's attention writes a row's next position there. The cache is bound as
+    both the graph's past and present, so a step copies nothing.
     """
 
-    def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
+    def __init__(self, onnx: OnnxModel, prompts: Sequence[tuple[int, ...]], adapter: bool, max_new_tokens: int):
         """Set up; no model call happens yet."""
-        self.onnx = onnx
-        self.keys = [(row.prompt, row.adapter and onnx.adapter is not None) for row in rows]
-        self.width = max(len(prompt) for prompt, _ in self.keys) + max_new_tokens + 1
-        self.lengths = np.array([len(prompt) for prompt, _ in self.keys])  # positions in each row's cache so far
+        self.onnx, self.prompts, self.adapter = onnx, list(prompts), adapter and onnx.adapter is not None
+        self.width = max(len(prompt) for prompt in self.prompts) + max_new_tokens + 1
+        self.lengths = np.array([len(prompt) for prompt in self.prompts])  # positions in each row's cache so far
         self.binding = onnx.session.io_binding()
 
-    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray], adapters: list[bool]) -> None:
+    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray]) -> None:
         for name, array in zip(self.onnx.past_names, cache):
             value = ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        if any(adapters):
+        if self.adapter:
             for name, value in self.onnx.adapter.items():
                 binding.bind_ortvalue_input(name, value)
-            if not all(adapters):  # a mixed batch: base rows take none of the update
-                # As an OrtValue (binding a plain array looks the name up among graph inputs, not initializers),
-                # kept here: the binding does not keep its memory alive.
-                self.row_scale = ort.OrtValue.ortvalue_from_numpy(np.array(adapters, dtype=np.float32)[:, None, None])
-                binding.bind_ortvalue_input(ROW_SCALE, self.row_scale)
         binding.bind_output("logits", "cpu")
 
     def _run(self, binding: ort.IOBinding, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -353,15 +346,15 @@ class KvDecode:
         # A copy: the output's memory belongs to the binding, which the next call reuses.
         return binding.get_outputs()[-1].numpy().reshape(ids.shape[0], -1).copy()
 
-    def _read(self, prompt: tuple[int, ...], adapter: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _read(self, prompt: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One prompt at batch 1 (its system turn from the prefix cache when seen before): logits and cache."""
         shape = (1, self.onnx.kv_shape[0], self.width, self.onnx.kv_shape[1])
         cache = [np.zeros(shape, dtype=np.float32) for _ in self.onnx.past_names]
         binding = self.onnx.session.io_binding()
-        self._bind(binding, cache, [adapter])
+        self._bind(binding, cache)
         end = self.onnx.prefix_end
         cut = prompt.index(end) + 1 if end in prompt[:-1] else 0
-        key = (adapter, prompt[:cut])
+        key = (self.adapter, prompt[:cut])
         cached = self.onnx.prefixes.get(key) if cut else None
         if cached is None and cut:
             self._run(binding, np.array([prompt[:cut]]), np.array([cut]))
@@ -373,11 +366,11 @@ class KvDecode:
 
     def prefill(self) -> np.ndarray:
         """Read every distinct prompt once; logits [rows, vocab]."""
-        reads = {key: self._read(*key) for key in dict.fromkeys(self.keys)}
-        self.cache = [np.concatenate([reads[key][1][i] for key in self.keys]) for i in range(len(self.onnx.past_names))]
-        self._bind(self.binding, self.cache, [adapter for _, adapter in self.keys])
-        self.batch = list(range(len(self.keys)))  # the rows still in the batch, in batch order
-        return np.concatenate([reads[key][0] for key in self.keys])
+        reads = {prompt: self._read(prompt) for prompt in dict.fromkeys(self.prompts)}
+        self.cache = [np.concatenate([reads[p][1][i] for p in self.prompts]) for i in range(len(self.onnx.past_names))]
+        self._bind(self.binding, self.cache)
+        self.batch = list(range(len(self.prompts)))  # the rows still in the batch, in batch order
+        return np.concatenate([reads[p][0] for p in self.prompts])
 
     def _narrow(self, live: list[int]) -> None:
         """Decode only the `live` rows from now on (a copy of their cache, bound afresh)."""
@@ -385,7 +378,7 @@ class KvDecode:
         self.cache = [array[keep] for array in self.cache]
         self.lengths, self.batch = self.lengths[keep], live
         self.binding = self.onnx.session.io_binding()
-        self._bind(self.binding, self.cache, [self.keys[row][1] for row in live])
+        self._bind(self.binding, self.cache)
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> np.ndarray:
         """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch)."""
@@ -396,30 +389,53 @@ class KvDecode:
             self._narrow(live)
         self.lengths += 1
         logits = self._run(self.binding, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
-        out = np.zeros((len(self.keys), logits.shape[1]), dtype=np.float32)
+        out = np.zeros((len(self.prompts), logits.shape[1]), dtype=np.float32)
         out[self.batch] = logits
         return out
 
 
 class OrtBackend:
-    """The ONNX export on onnxruntime: every row of a request in one `KvDecode` batch."""
+    """The ONNX export on onnxruntime: one `KvDecode` batch per adapter state, the two stepped side by side."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
-        """Set up the batch; no model call yet."""
-        self.decode = onnx.decode(rows, max_new_tokens)
+        """Group the rows by adapter state (the LoRA inputs are bound per session call); no model call yet."""
+        groups: dict[bool, list[int]] = {}
+        for i, row in enumerate(rows):
+            groups.setdefault(row.adapter, []).append(i)
+        self.groups = list(groups.values())
+        self.decodes = [onnx.decode([rows[i].prompt for i in members], adapter, max_new_tokens)
+                        for adapter, members in groups.items()]
+        self.rows = len(rows)
+        self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
+
+    def _map(self, fn: Callable[..., np.ndarray], *args: Sequence) -> torch.Tensor:
+        """`fn` for every group (in parallel when there are two: session calls release the GIL), in row order."""
+        parts = list(self.pool.map(fn, *args)) if self.pool else [fn(*a) for a in zip(*args)]
+        logits = np.empty((self.rows, parts[0].shape[-1]), dtype=np.float32)
+        for members, part in zip(self.groups, parts):
+            logits[members] = part
+        return torch.from_numpy(logits)
 
     def prefill(self) -> torch.Tensor:
         """Read every distinct prompt once (rows with the same prompt and adapter share it)."""
-        return torch.from_numpy(self.decode.prefill())
+        return self._map(KvDecode.prefill, self.decodes)
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
-        """One token per row; finished rows leave the batch once they are half of it."""
-        return torch.from_numpy(self.decode.step(tokens, active))
+        """One token per row; finished rows leave their batch once they are half of it, a finished batch stops."""
+
+        def advance(decode: KvDecode, members: list[int]) -> np.ndarray:
+            if not any(active[m] for m in members):
+                return np.zeros((len(members), decode.onnx.vocab), dtype=np.float32)
+            return decode.step([tokens[m] for m in members], [active[m] for m in members])
+
+        return self._map(advance, self.decodes, self.groups)
 
     def close(self) -> None:
-        """Nothing to release: the cache goes with the object."""
+        """Free the worker threads."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=False)
 
 
 def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
@@ -470,23 +486,6 @@ def _runtime_adapter(model_dir: Path) -> None:
             graph.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     if not weights:
         raise ExportError("the exported graph has no LoRA weights to turn into a run-time adapter")
-    # Each LoRA update (the builder adds it to the projection: ".../lora/Add") is scaled per row, so base and tuned
-    # rows decode in one batch; the input's default of 1 leaves a batch that is all one kind as it was.
-    scale = helper.make_tensor_value_info(ROW_SCALE, onnx.TensorProto.FLOAT, ["batch_size", 1, 1])
-    graph.graph.input.append(scale)
-    graph.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1, 1), dtype=np.float32), ROW_SCALE))
-    nodes = []
-    for node in graph.graph.node:
-        if node.op_type == "Add" and node.name.endswith("/lora/Add"):
-            update = next(i for i, name in enumerate(node.input) if "lora_B" in name)
-            scaled = f"{node.input[update]}/row_scaled"
-            nodes.append(helper.make_node("Mul", [node.input[update], ROW_SCALE], [scaled], name=f"{node.name}/RowScale"))
-            node.input[update] = scaled
-        nodes.append(node)
-    if sum(node.op_type == "Mul" and node.name.endswith("/RowScale") for node in nodes) != len(weights) // 2:
-        raise ExportError("the exported graph's LoRA updates are not where the per-row scale expects them")
-    graph.graph.ClearField("node")
-    graph.graph.node.extend(nodes)
     for path in model_dir.glob("model.onnx*"):
         path.unlink()
     onnx.save(graph, str(graph_path), save_as_external_data=True, location="model.onnx.data")
@@ -566,7 +565,7 @@ def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
     except Exception as err:  # a corrupt export: the caller falls back; the next start rebuilds it
         shutil.rmtree(path, ignore_errors=True)
         raise ExportError(f"the cached ONNX export at {path} could not be loaded ({err}); it was removed") from err
-    return OnnxModel(session, adapter, manifest, path, kv_shape, past, config["eos_token_id"])
+    return OnnxModel(session, adapter, manifest, path, kv_shape, past, config["eos_token_id"], config["vocab_size"])
 
 
 @dataclass
@@ -604,7 +603,7 @@ def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool)
 
     The prompt ids[:start] in one call, then one token per call: the export's LM head scores the last position only.
     """
-    decode = onnx.decode([Row(tuple(ids[:start]), adapter, False)], len(ids) - start)
+    decode = onnx.decode([ids[:start]], adapter, len(ids) - start)
     rows = [decode.prefill()] + [decode.step([token], [True]) for token in ids[start:-1]]
     return torch.from_numpy(np.concatenate(rows))
 
