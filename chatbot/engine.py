@@ -327,7 +327,8 @@ class KvDecode:
         self.lengths = np.array([len(prompt) for prompt in self.prompts])  # positions in each row's cache so far
         self.binding = onnx.session.io_binding()
 
-    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray]) -> None:
+    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray]) -> np.ndarray:
+        """Bind `cache` (as past and present), the adapter if on, and a logits array of ours, which is returned."""
         for name, array in zip(self.onnx.past_names, cache):
             value = ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(name, value)
@@ -335,40 +336,42 @@ class KvDecode:
         if self.adapter:
             for name, value in self.onnx.adapter.items():
                 binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", "cpu")
+        # The logits land in an array of ours: reading them back through the binding wraps every output each step.
+        logits = np.empty((cache[0].shape[0], 1, self.onnx.vocab), dtype=np.float32)
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
+        return logits
 
-    def _run(self, binding: ort.IOBinding, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    def _run(self, binding: ort.IOBinding, logits: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Read `ids` [batch, n] ending at `lengths` (row by row); float32 logits [batch, vocab] of the last position."""
         binding.bind_cpu_input("input_ids", ids.astype(np.int64))
         mask = np.arange(lengths.max())[None, :] < lengths[:, None]
         binding.bind_cpu_input("attention_mask", mask.astype(np.int64))
         self.onnx.session.run_with_iobinding(binding)  # releases the GIL: other requests run meanwhile
-        # A copy: the output's memory belongs to the binding, which the next call reuses.
-        return binding.get_outputs()[-1].numpy().reshape(ids.shape[0], -1).copy()
+        return logits[:, 0].copy()  # a copy: the next call writes the same array
 
     def _read(self, prompt: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
         """One prompt at batch 1 (its system turn from the prefix cache when seen before): logits and cache."""
         shape = (1, self.onnx.kv_shape[0], self.width, self.onnx.kv_shape[1])
         cache = [np.zeros(shape, dtype=np.float32) for _ in self.onnx.past_names]
         binding = self.onnx.session.io_binding()
-        self._bind(binding, cache)
+        logits = self._bind(binding, cache)
         end = self.onnx.prefix_end
         cut = prompt.index(end) + 1 if end in prompt[:-1] else 0
         key = (self.adapter, prompt[:cut])
         cached = self.onnx.prefixes.get(key) if cut else None
         if cached is None and cut:
-            self._run(binding, np.array([prompt[:cut]]), np.array([cut]))
+            self._run(binding, logits, np.array([prompt[:cut]]), np.array([cut]))
             self.onnx.prefixes.put(key, [array[:, :, :cut].copy() for array in cache])
         elif cached is not None:
             for array, part in zip(cache, cached):
                 array[:, :, :cut] = part
-        return self._run(binding, np.array([prompt[cut:]]), np.array([len(prompt)])), cache
+        return self._run(binding, logits, np.array([prompt[cut:]]), np.array([len(prompt)])), cache
 
     def prefill(self) -> np.ndarray:
         """Read every distinct prompt once; logits [rows, vocab]."""
         reads = {prompt: self._read(prompt) for prompt in dict.fromkeys(self.prompts)}
         self.cache = [np.concatenate([reads[p][1][i] for p in self.prompts]) for i in range(len(self.onnx.past_names))]
-        self._bind(self.binding, self.cache)
+        self.out = self._bind(self.binding, self.cache)
         self.batch = list(range(len(self.prompts)))  # the rows still in the batch, in batch order
         return np.concatenate([reads[p][0] for p in self.prompts])
 
@@ -378,7 +381,7 @@ class KvDecode:
         self.cache = [array[keep] for array in self.cache]
         self.lengths, self.batch = self.lengths[keep], live
         self.binding = self.onnx.session.io_binding()
-        self._bind(self.binding, self.cache)
+        self.out = self._bind(self.binding, self.cache)
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> np.ndarray:
         """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch)."""
@@ -388,7 +391,9 @@ class KvDecode:
         if 0 < len(live) <= len(self.batch) // 2:
             self._narrow(live)
         self.lengths += 1
-        logits = self._run(self.binding, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
+        logits = self._run(self.binding, self.out, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
+        if len(self.batch) == len(self.prompts):
+            return logits
         out = np.zeros((len(self.prompts), logits.shape[1]), dtype=np.float32)
         out[self.batch] = logits
         return out
@@ -413,6 +418,8 @@ class OrtBackend:
     def _map(self, fn: Callable[..., np.ndarray], *args: Sequence) -> torch.Tensor:
         """`fn` for every group (in parallel when there are two: session calls release the GIL), in row order."""
         parts = list(self.pool.map(fn, *args)) if self.pool else [fn(*a) for a in zip(*args)]
+        if len(parts) == 1:  # the rows are the group's, in order
+            return torch.from_numpy(parts[0])
         logits = np.empty((self.rows, parts[0].shape[-1]), dtype=np.float32)
         for members, part in zip(self.groups, parts):
             logits[members] = part

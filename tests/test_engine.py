@@ -314,7 +314,7 @@ def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_the
     calls = []
     original = engine.KvDecode._run
     monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, ids, lengths: calls.append(ids.shape) or original(self, binding, ids, lengths))
+                        lambda self, binding, out, ids, lengths: calls.append(ids.shape) or original(self, binding, out, ids, lengths))
     together = loop_tokens(shipped, prompts, settings, adapters, backend=lambda r: OrtBackend(onnx, r, 20))
     steps = sorted(shape[0] for shape in calls if shape[1] == 1)
     # Each step after the first feeds the previous token; the reply that ends first stops taking steps.
@@ -340,7 +340,7 @@ def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shippe
     reads = []
     original = engine.KvDecode._run
     monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, ids, lengths: reads.append(ids.shape) or original(self, binding, ids, lengths))
+                        lambda self, binding, out, ids, lengths: reads.append(ids.shape) or original(self, binding, out, ids, lengths))
 
     def tokens(backend_rows: list[Row]) -> list[list[int]]:
         out: list[list[int]] = [[] for _ in backend_rows]
@@ -372,7 +372,7 @@ def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_log
     reads = []
     original = engine.KvDecode._run
     monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, ids, lengths: reads.append(ids.shape[1]) or original(self, binding, ids, lengths))
+                        lambda self, binding, out, ids, lengths: reads.append(ids.shape[1]) or original(self, binding, out, ids, lengths))
     for adapter in (False, True):
         cached.decode([first], adapter, 1).prefill()
         reads.clear()
