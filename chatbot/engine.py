@@ -370,7 +370,10 @@ class KvDecode:
     def prefill(self) -> np.ndarray:
         """Read every distinct prompt once; logits [rows, vocab]."""
         reads = {prompt: self._read(prompt) for prompt in dict.fromkeys(self.prompts)}
-        self.cache = [np.concatenate([reads[p][1][i] for p in self.prompts]) for i in range(len(self.onnx.past_names))]
+        if len(self.prompts) == 1:  # one row: its read's cache as it is
+            self.cache = reads[self.prompts[0]][1]
+        else:
+            self.cache = [np.concatenate([reads[p][1][i] for p in self.prompts]) for i in range(len(self.onnx.past_names))]
         self.out = self._bind(self.binding, self.cache)
         self.batch = list(range(len(self.prompts)))  # the rows still in the batch, in batch order
         return np.concatenate([reads[p][0] for p in self.prompts])
