@@ -124,7 +124,7 @@ def time_decoder(bot: object, engine: str, rows: list[Row], settings: Generation
 
 def time_decoder_cold(bot: object, rows: list[Row]) -> dict[str, float]:
     """`time_decoder` on the served engine with its prefix cache emptied first: a system turn it has not seen."""
-    bot.onnx.prefixes.entries.clear()
+    bot.onnx.prefixes.clear()
     return time_decoder(bot, OrtBackend.name, rows)
 
 

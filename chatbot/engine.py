@@ -283,6 +283,11 @@ class PrefixCache:
                 return self.entries[key]
         return None
 
+    def clear(self) -> None:
+        """Forget every prefix."""
+        with self.lock:
+            self.entries.clear()
+
     def put(self, key: tuple, kv: list[np.ndarray]) -> None:
         """Remember `kv` for `key`."""
         with self.lock:
@@ -387,11 +392,16 @@ class KvDecode:
         self.out = self._bind(self.binding, self.cache)
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> np.ndarray:
-        """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch)."""
+        """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch).
+
+        Every row finished: no model call at all (Compare's shorter reply while the other goes on).
+        """
         live = [row for row in self.batch if active[row]]
+        if not live:
+            return np.zeros((len(self.prompts), self.onnx.vocab), dtype=np.float32)
         # Once half the batch has finished, the rest go on without it (Compare's longer reply, a last candidate):
         # a step then reads less, for one copy of the cache.
-        if 0 < len(live) <= len(self.batch) // 2:
+        if len(live) <= len(self.batch) // 2:
             self._narrow(live)
         self.lengths += 1
         logits = self._run(self.binding, self.out, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
@@ -436,8 +446,6 @@ class OrtBackend:
         """One token per row; finished rows leave their batch once they are half of it, a finished batch stops."""
 
         def advance(decode: KvDecode, members: list[int]) -> np.ndarray:
-            if not any(active[m] for m in members):
-                return np.zeros((len(members), decode.onnx.vocab), dtype=np.float32)
             return decode.step([tokens[m] for m in members], [active[m] for m in members])
 
         return self._map(advance, self.decodes, self.groups)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -35,11 +36,16 @@ GREEDY = PRESETS["greedy"].updated(max_new_tokens=12, max_sentences=0)
 
 def loop_tokens(chat: ChatModel, prompts: list[list[int]], settings, adapters=None, backend=None) -> list[list[int]]:
     """Every row's new tokens from the Decoder, up to and including an end-of-turn token."""
-    stop = stop_token_ids(chat.model, chat.tokenizer)
     rows = [Row(tuple(p), True if adapters is None else adapters[i], settings.do_sample, settings.seed)
             for i, p in enumerate(prompts)]
+    return row_tokens(chat, rows, settings, backend)
+
+
+def row_tokens(chat: ChatModel, rows: list[Row], settings, backend=None) -> list[list[int]]:
+    """`loop_tokens` for rows built by the caller (e.g. a message's candidates)."""
+    stop = stop_token_ids(chat.model, chat.tokenizer)
     backend = backend(rows) if backend else TorchBackend(chat, rows)
-    out: list[list[int]] = [[] for _ in prompts]
+    out: list[list[int]] = [[] for _ in rows]
     for step in Decoder(backend, rows, settings, stop, chat.tokenizer.pad_token_id):
         for row, token in enumerate(step):
             if token is not None:
@@ -232,6 +238,16 @@ def shipped() -> ChatModel:
     return load_chat_model(adapter=adapter_choice("default"), device="cpu")
 
 
+@pytest.fixture
+def session_calls(monkeypatch) -> list[tuple[int, int]]:
+    """The (rows, tokens) shape of every ids array the ONNX session reads, in order."""
+    calls: list[tuple[int, int]] = []
+    original = engine.KvDecode._run
+    monkeypatch.setattr(engine.KvDecode, "_run",
+                        lambda self, binding, out, ids, lengths: calls.append(ids.shape) or original(self, binding, out, ids, lengths))
+    return calls
+
+
 @pytest.fixture(scope="module")
 def onnx(shipped):
     """The cached ONNX export of the shipped model (built on first use)."""
@@ -305,18 +321,14 @@ def test_requests_served_side_by_side_get_the_replies_they_get_alone(shipped, on
 
 @pytest.mark.integration
 @pytest.mark.parametrize("adapters", [[True, True], [False, True]])
-def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_they_get_alone(shipped, onnx, monkeypatch,
+def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_they_get_alone(shipped, onnx, session_calls,
                                                                                           adapters):
     """One adapter state: one batch (right-padded rows) until one ends; Compare's base and tuned: a batch each."""
     bot = EmpatheticChatbot(shipped)
     prompts = [encode(shipped, bot.prompt_for(m, [], [], None).text) for m in ("My dog died today. I am so sad.", "Thanks.")]
     settings = GREEDY.updated(max_new_tokens=20)
-    calls = []
-    original = engine.KvDecode._run
-    monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, out, ids, lengths: calls.append(ids.shape) or original(self, binding, out, ids, lengths))
     together = loop_tokens(shipped, prompts, settings, adapters, backend=lambda r: OrtBackend(onnx, r, 20))
-    steps = sorted(shape[0] for shape in calls if shape[1] == 1)
+    steps = sorted(rows for rows, tokens in session_calls if tokens == 1)
     # Each step after the first feeds the previous token; the reply that ends first stops taking steps.
     shorter, longer = sorted(len(t) for t in together)
     assert 1 < shorter < longer
@@ -329,37 +341,23 @@ def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_the
 
 
 @pytest.mark.integration
-def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shipped, onnx, monkeypatch):
+def test_candidates_read_their_prompt_once_and_decode_as_they_would_alone(shipped, onnx, session_calls):
     """A message's 4 candidates share one batch-1 prompt read, and each gets the tokens it gets decoded alone."""
     bot = EmpatheticChatbot(shipped)
     prompt = encode(shipped, bot.prompt_for("My little brother beat me at chess.", [], [], "proud").text)
     settings = PRESETS["chat"].updated(max_new_tokens=12, candidates=4, seed=3)
     rows = candidate_rows(prompt, True, settings)
-    stop = stop_token_ids(shipped.model, shipped.tokenizer)
     onnx = dataclasses.replace(onnx, prefixes=engine.PrefixCache())  # the whole prompt is read here
-    reads = []
-    original = engine.KvDecode._run
-    monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, out, ids, lengths: reads.append(ids.shape) or original(self, binding, out, ids, lengths))
-
-    def tokens(backend_rows: list[Row]) -> list[list[int]]:
-        out: list[list[int]] = [[] for _ in backend_rows]
-        backend = OrtBackend(onnx, backend_rows, settings.max_new_tokens)
-        for step in Decoder(backend, backend_rows, settings, stop, shipped.tokenizer.pad_token_id):
-            for row, token in enumerate(step):
-                if token is not None:
-                    out[row].append(token)
-        return out
-
-    together = tokens(rows)
-    prompt_reads = [shape for shape in reads if shape[1] > 1]
+    served = functools.partial(OrtBackend, onnx, max_new_tokens=settings.max_new_tokens)
+    together = row_tokens(shipped, rows, settings, served)
+    prompt_reads = [shape for shape in session_calls if shape[1] > 1]
     assert sum(n for _, n in prompt_reads) == len(prompt) and {b for b, _ in prompt_reads} == {1}
-    assert [tokens([row])[0] for row in rows] == together
+    assert [row_tokens(shipped, [row], settings, served)[0] for row in rows] == together
     assert len({tuple(t) for t in together}) == 4  # the greedy reply and three distinct samples
 
 
 @pytest.mark.integration
-def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_logits(shipped, onnx, monkeypatch):
+def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_logits(shipped, onnx, session_calls):
     import numpy as np
 
     bot = EmpatheticChatbot(shipped)
@@ -369,15 +367,11 @@ def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_log
     assert first[:cut] == second[:cut] and cut > 50  # the system turn: instruction and emotion
     cached = dataclasses.replace(onnx, prefixes=engine.PrefixCache())
     uncached = dataclasses.replace(onnx, prefixes=engine.PrefixCache(size=0))
-    reads = []
-    original = engine.KvDecode._run
-    monkeypatch.setattr(engine.KvDecode, "_run",
-                        lambda self, binding, out, ids, lengths: reads.append(ids.shape[1]) or original(self, binding, out, ids, lengths))
     for adapter in (False, True):
         cached.decode([first], adapter, 1).prefill()
-        reads.clear()
+        session_calls.clear()
         hit = cached.decode([second], adapter, 1).prefill()
-        assert reads == [len(second) - cut]  # only what follows the system turn
+        assert session_calls == [(1, len(second) - cut)]  # only what follows the system turn
         fresh = uncached.decode([second], adapter, 1).prefill()
         assert np.abs(hit - fresh).max() < 1e-3
         assert hit.argmax() == fresh.argmax()
