@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from sentence_transformers import SentenceTransformer
 from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
 from chatbot.data import SPEAKER, Turn
-from chatbot.embeddings import embed, load_embedder
+from chatbot.embeddings import Embedder, embed, load_embedder
 from chatbot.emotion import EmotionDetector, EmotionPrediction, load_emotion_detector, speaker_text
 from chatbot.engine import (
     Decoder,
@@ -50,7 +49,7 @@ from chatbot.prompts import (
     history_from_messages,
 )
 from chatbot.retriever import IndexLoadError, RetrievedDialogue, Retriever, query_text
-from chatbot.runtime import default_index_dir, engine_choice
+from chatbot.runtime import default_index_dir, engine_choice, get_device
 from chatbot.safety import CONCERN_CHECK_IN, CRISIS_REPLY, SAFE_FALLBACK_REPLY, CrisisScreen, screen_reply
 from chatbot.selector import ResponseSelector, load_response_selector
 from chatbot.systems import System, get_system
@@ -187,7 +186,7 @@ class EmpatheticChatbot:
         k: int = DEFAULT_K,
         max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         notes: Sequence[str] = (),
-        embedder: SentenceTransformer | None = None,
+        embedder: Embedder | None = None,
         onnx: OnnxModel | None = None,
         selector: ResponseSelector | None = None,
     ):
@@ -195,7 +194,7 @@ class EmpatheticChatbot:
         self.chat = chat
         self.selector = selector  # ranks candidates for the selecting systems; None: the first fit one is shown
         self.onnx = onnx  # the served engine's export; None: every reply is decoded by transformers
-        self._stop_ids = stop_token_ids(chat.model, chat.tokenizer)
+        self._stop_ids = stop_token_ids(chat)
         self.retriever = retriever
         # The one embedder, shared by retrieval, emotion and the crisis screen (None in model-only tests).
         self.embedder = embedder or (retriever.embedder if retriever else None) or (emotion.embedder if emotion else None)
@@ -226,19 +225,26 @@ class EmpatheticChatbot:
         base_model = base_model or DEFAULT_BASE_MODEL
         notes = []
         adapter_path = adapter_choice(adapter)
-        try:
-            chat = load_chat_model(base_model, adapter_path, device)
-        except ModelLoadError as err:
-            if adapter_path is None or adapter != "default":
-                raise
-            notes.append(f"Tuned adapter not used: {err}. Running the base model.")
-            logger.warning(notes[-1])
-            chat = load_chat_model(base_model, None, device)
-        if chat.adapter_path is None:
-            notes.append("No tuned adapter loaded: 'tuned' systems use the base model.")
         default_engine, precision = engine_choice()
+        served_by_onnx = (engine or default_engine) == "onnx" and get_device(device).type == "cpu"
+
+        def load_chat(lazy: bool) -> ChatModel:
+            """The chat model; the shipped adapter, when it does not fit, gives way to the base model with a note."""
+            nonlocal adapter_path
+            try:
+                return load_chat_model(base_model, adapter_path, device, lazy=lazy)
+            except ModelLoadError as err:
+                if adapter_path is None or adapter != "default":
+                    raise
+                notes.append(f"Tuned adapter not used: {err}. Running the base model.")
+                logger.warning(notes[-1])
+                adapter_path = None
+                return load_chat_model(base_model, None, device, lazy=lazy)
+
+        # Served by ONNX Runtime, the PyTorch weights are only needed for beam search: they load on first use.
+        chat = load_chat(lazy=served_by_onnx)
         onnx_load = None
-        if (engine or default_engine) == "onnx" and chat.model.device.type == "cpu":
+        if served_by_onnx:
             # Loading the served model is native work that releases the GIL: it runs while the embedder, index
             # and classifiers load here, which shortens every start.
             pool = ThreadPoolExecutor(1, thread_name_prefix="onnx-load")
@@ -267,6 +273,9 @@ class EmpatheticChatbot:
             except ExportError as err:
                 notes.append(f"Replies come from transformers (slower): {err}")
                 logger.warning(notes[-1])
+                chat = load_chat(lazy=False)  # every reply needs the PyTorch model now: load it at start
+        if chat.adapter_path is None:
+            notes.append("No tuned adapter loaded: 'tuned' systems use the base model.")
         return cls(chat, retriever, emotion, crisis, k=k, notes=notes, embedder=embedder, onnx=onnx, selector=selector)
 
     def enable_retrieval(self, index_dir: str | os.PathLike) -> None:

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example
-from chatbot.embeddings import embed
+from chatbot.embeddings import Embedder, embed
 from chatbot.emotion import EmotionDetector
 from chatbot.retriever import RetrievedDialogue, Retriever, query_text
 
@@ -26,7 +25,7 @@ class ExampleContext:
 
 
 def example_vectors(
-    examples: Sequence[Example], texts: Sequence[str], embedder: SentenceTransformer, retriever: Retriever | None
+    examples: Sequence[Example], texts: Sequence[str], embedder: Embedder, retriever: Retriever | None
 ) -> np.ndarray:
     """Embeddings of the examples' query texts; train examples reuse the index's stored vectors."""
     stored = retriever.stored_vectors(examples) if retriever is not None else [None] * len(examples)
@@ -40,7 +39,7 @@ def example_vectors(
 
 def example_contexts(
     examples: Sequence[Example],
-    embedder: SentenceTransformer,
+    embedder: Embedder,
     retriever: Retriever | None,
     emotion: EmotionDetector | None,
     k: int,

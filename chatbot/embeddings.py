@@ -1,9 +1,10 @@
 """The sentence embedder shared by retrieval, emotion detection, reply selection and the crisis screen.
 
-On CPU its transformer runs on ONNX Runtime (exported once from the same weights, cached): the same fp32
-arithmetic as sentence-transformers without PyTorch's per-operator overhead, which dominates for the one or
-few short texts a message needs. `embed` takes that path when the embedder has it; training and GPU runs keep
-sentence-transformers.
+On CPU its transformer runs on ONNX Runtime (exported once from the same weights, checked against
+sentence-transformers' vectors, cached): the same fp32 arithmetic without PyTorch's per-operator overhead, which
+dominates for the one or few short texts a message needs. A cached export loads without sentence-transformers
+(or peft, for the adapted copies) being imported at all, which keeps the app's start short. Training and GPU
+runs keep sentence-transformers (`sentence_transformer`).
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ import copy
 import hashlib
 import json
 import logging
-import shutil
 import warnings
-import weakref
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 import torch
-from sentence_transformers import SentenceTransformer
 from tqdm.auto import tqdm
 
 from chatbot.runtime import (
@@ -33,19 +33,23 @@ from chatbot.runtime import (
     package_dir,
 )
 
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
 logger = logging.getLogger(__name__)
 
 EMBEDDER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 EMBEDDER_PRECISION = "fp32"  # both engines; an int8 copy moved the vectors too far (README: Retrieval index)
 MAX_SEQ_LENGTH = 128  # keys are one or two turns (p95 55 tokens); longer texts are cut
-EMBEDDER_EXPORT_VERSION = 1  # bump when the export changes: cached exports are rebuilt
-# Largest difference from sentence-transformers' own vectors that the ONNX path may show at load (float noise).
+# Bump when the export changes: cached exports are rebuilt. v2: an export is checked before it is cached.
+EMBEDDER_EXPORT_VERSION = 2
+# Largest difference from sentence-transformers' own vectors that the ONNX path may show (float noise).
 ONNX_TOLERANCE = 1e-4
 # Texts per ONNX Runtime call, whatever batch the caller asks for: on CPU large batches gain nothing and pad more
 # (README: Retrieval index); a message's candidates still fit one call.
 ONNX_BATCH = 16
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_ONNX_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # embedder -> OnnxEncoder
+_PROBE = ["I got a new puppy today!", "My grandmother passed away last week and I miss her terribly."]
 
 
 class _LastHidden(torch.nn.Module):
@@ -63,9 +67,10 @@ class _LastHidden(torch.nn.Module):
 class OnnxEncoder:
     """The embedder's transformer on ONNX Runtime, then mean pooling and L2 normalisation (all-MiniLM's pipeline)."""
 
-    def __init__(self, path: Path, tokenizer: object, max_length: int):
-        """Open the exported graph; one session serves every thread."""
+    def __init__(self, path: Path, source: str, max_length: int = MAX_SEQ_LENGTH):
+        """Open the exported graph (one session serves every thread) and the tokenizer of `source`, its model folder."""
         import onnxruntime as ort
+        from transformers import AutoTokenizer
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()
@@ -73,8 +78,12 @@ class OnnxEncoder:
         # take the cores from the work that follows (README: Retrieval index).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.path = path
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.path, self.source = path, source  # adapted copies are built from `source` and keyed by `path`
+        self.tokenizer, self.max_length = AutoTokenizer.from_pretrained(source), max_length
+
+    def get_embedding_dimension(self) -> int:
+        """Length of the vectors (sentence-transformers' name for it)."""
+        return int(self.session.get_outputs()[0].shape[-1])
 
     def __call__(self, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """Unit vectors for `texts`, longest first in batches (less padding), returned in the input order."""
@@ -93,32 +102,50 @@ class OnnxEncoder:
         return vectors
 
 
-def export_embedder(model: SentenceTransformer, key: str) -> Path:
-    """The embedder's transformer as ONNX, exported once into the cache under `key` (its weights' checksum)."""
-    target = cache_dir() / "onnx" / f"embedder-v{EMBEDDER_EXPORT_VERSION}-{key}"
-    if (target / "model.onnx").exists():
-        return target / "model.onnx"
+# What `embed` takes: a sentence-transformers model, or its export on ONNX Runtime.
+Embedder = Union["SentenceTransformer", OnnxEncoder]
+
+
+def sentence_transformer(path: str, device: str | torch.device | None = None) -> SentenceTransformer:
+    """A sentence-transformers model from a folder or name (what training and the non-ONNX paths use)."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(path, device=str(get_device(device)))
+    model.max_seq_length = MAX_SEQ_LENGTH
+    return model
+
+
+def _export(model: SentenceTransformer, path: Path) -> None:
+    """Write the model's transformer to `path` as ONNX (dynamic batch and length)."""
     sample = model.tokenizer(["an example text", "two"], padding=True, return_tensors="pt")
     dynamic = {name: {0: "batch", 1: "tokens"} for name in (*_INPUTS, "last_hidden_state")}
-    with atomic_folder(target) as tmp, warnings.catch_warnings(), torch.no_grad():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracing warnings about Python branches
         torch.onnx.export(_LastHidden(model[0].auto_model).eval(), tuple(sample[n] for n in _INPUTS),
-                          str(tmp / "model.onnx"), input_names=list(_INPUTS), output_names=["last_hidden_state"],
+                          str(path), input_names=list(_INPUTS), output_names=["last_hidden_state"],
                           dynamic_axes=dynamic, opset_version=17, dynamo=False)
-    return target / "model.onnx"
 
 
-def _attach_onnx(model: SentenceTransformer, key: str) -> None:
-    """Serve `embed` for this embedder from ONNX Runtime, once its vectors match sentence-transformers'."""
-    path = export_embedder(model, key)
-    encoder = OnnxEncoder(path, model.tokenizer, model.max_seq_length)
-    probe = ["I got a new puppy today!", "My grandmother passed away last week and I miss her terribly."]
-    reference = model.encode(probe, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-    difference = float(np.abs(encoder(probe) - reference).max())
-    if difference > ONNX_TOLERANCE:
-        shutil.rmtree(path.parent, ignore_errors=True)  # a stale or broken export: the next start builds it again
-        raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")
-    _ONNX_ENCODERS[model] = encoder
+def onnx_encoder(source: str, key: str, build: Callable[[], SentenceTransformer]) -> OnnxEncoder:
+    """The cached ONNX export under `key`; on a miss (or a corrupt one), `build()`'s model exported and checked.
+
+    Only an export whose vectors match sentence-transformers' within ONNX_TOLERANCE is cached, so a cached one
+    loads without sentence-transformers; a mismatch raises ValueError and caches nothing.
+    """
+    folder = cache_dir() / "onnx" / f"embedder-v{EMBEDDER_EXPORT_VERSION}-{key}"
+    if (folder / "model.onnx").exists():
+        try:
+            return OnnxEncoder(folder / "model.onnx", source)
+        except Exception as err:  # a corrupt file: built again below
+            logger.warning("Rebuilding the embedder's ONNX export at %s (%s)", folder, err)
+    model = build()
+    with atomic_folder(folder) as tmp:
+        _export(model, tmp / "model.onnx")
+        reference = model.encode(_PROBE, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        difference = float(np.abs(OnnxEncoder(tmp / "model.onnx", source)(_PROBE) - reference).max())
+        if difference > ONNX_TOLERANCE:
+            raise ValueError(f"its vectors differ from sentence-transformers' by {difference:.2g}")
+    return OnnxEncoder(folder / "model.onnx", source)
 
 
 def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
@@ -130,47 +157,59 @@ def resolve_embedder(name: str = EMBEDDER_NAME) -> str:
     return name
 
 
-def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers model by name, preferring the packaged offline copy; on CPU, served by ONNX Runtime.
+def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> Embedder:
+    """The embedder by name, preferring the packaged offline copy; on CPU, its ONNX Runtime export.
 
     $ED_ENGINE=transformers keeps it on sentence-transformers, as a failed export does (with a warning).
     """
     path = resolve_embedder(name)
     target = get_device(device)
     logger.info("Loading embedder %s from %s on %s", name, path, target)
-    model = SentenceTransformer(path, device=str(target))
-    model.max_seq_length = MAX_SEQ_LENGTH
     if target.type == "cpu" and engine_choice()[0] == "onnx" and Path(path).is_dir():
         try:
-            _attach_onnx(model, model_checksum(model_files(Path(path)))[:16])
+            return onnx_encoder(path, model_checksum(model_files(Path(path)))[:16], lambda: sentence_transformer(path, target))
         except Exception as err:  # onnxruntime missing, export failed, vectors differ: the embedder still works
             logger.warning("The embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
-    return model
+    return sentence_transformer(path, target)
 
 
-def adapted_embedder(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray], digest: str) -> SentenceTransformer:
-    """A copy of `model` with a peft LoRA adapter (its arguments and state dict) merged into the transformer.
+def trainable(model: Embedder) -> SentenceTransformer:
+    """The sentence-transformers model behind an embedder (loaded from its folder for an ONNX export), to train."""
+    return sentence_transformer(model.source, "cpu") if isinstance(model, OnnxEncoder) else model
 
-    On ONNX Runtime when `model` is, exported once under a key naming both the base weights and the adapter's.
-    """
+
+def _merged(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray]) -> SentenceTransformer:
+    """`model` with a peft LoRA adapter (its arguments and state dict) merged into its transformer, in place."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    tuned = copy.deepcopy(model)
-    transformer = inject_adapter_in_model(LoraConfig(**lora), tuned[0].auto_model)
+    transformer = inject_adapter_in_model(LoraConfig(**lora), model[0].auto_model)
     loaded = set_peft_model_state_dict(transformer, {name: torch.from_numpy(value) for name, value in weights.items()})
     if loaded.unexpected_keys or any("lora_" in name for name in loaded.missing_keys):
         raise ValueError(f"the adapter's weights do not fit the embedder ({loaded.unexpected_keys[:2]})")
     for layer in transformer.modules():
         if isinstance(layer, LoraLayer):
             layer.merge()  # one matrix per layer again: the export and every call cost what the base model's do
-    base = _ONNX_ENCODERS.get(model)
-    if base is not None:
-        try:  # the key names the base export (its folder) and the adapter
-            _attach_onnx(tuned, hashlib.sha256((base.path.parent.name + digest).encode()).hexdigest()[:16])
-        except Exception as err:  # as in load_embedder: the adapted copy still embeds, on sentence-transformers
-            logger.warning("The adapted embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
-    return tuned
+    return model
+
+
+def adapted_embedder(model: Embedder, lora: dict, weights: dict[str, np.ndarray], digest: str) -> Embedder:
+    """`model` with a peft LoRA adapter (its arguments and state dict, SHA-256 `digest`) merged into the transformer.
+
+    On ONNX Runtime when `model` is, exported once under a key naming both the base export and the adapter.
+    """
+    if not isinstance(model, OnnxEncoder):
+        return _merged(copy.deepcopy(model), lora, weights)
+    key = hashlib.sha256((model.path.parent.name + digest).encode()).hexdigest()[:16]
+
+    def build() -> SentenceTransformer:
+        return _merged(sentence_transformer(model.source, "cpu"), lora, weights)
+
+    try:
+        return onnx_encoder(model.source, key, build)
+    except Exception as err:  # as in load_embedder: the adapted copy still embeds, on sentence-transformers
+        logger.warning("The adapted embedder runs on sentence-transformers: its ONNX Runtime path is off (%s)", err)
+        return build()
 
 
 # Every linear layer of MiniLM's blocks: attention (query/key/value, its output "dense") and the feed-forward pair
@@ -192,17 +231,17 @@ def adapter_digest(weights: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def embedder_engine(model: SentenceTransformer) -> str:
+def embedder_engine(model: Embedder) -> str:
     """Which engine `embed` uses for this embedder."""
-    return "onnxruntime" if model in _ONNX_ENCODERS else "sentence-transformers"
+    return "onnxruntime" if isinstance(model, OnnxEncoder) else "sentence-transformers"
 
 
-def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+def embed(model: Embedder, texts: list[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
     """Embed texts as L2-normalised float32 rows, so inner product is cosine similarity."""
     if not texts:
         return np.zeros((0, model.get_embedding_dimension()), dtype=np.float32)
-    if model in _ONNX_ENCODERS:
-        return _ONNX_ENCODERS[model](list(texts), batch_size, progress)
+    if isinstance(model, OnnxEncoder):
+        return model(list(texts), batch_size, progress)
     vectors = model.encode(
         texts,
         batch_size=batch_size,
@@ -213,7 +252,7 @@ def embed(model: SentenceTransformer, texts: list[str], batch_size: int = 64, pr
     return np.ascontiguousarray(vectors, dtype=np.float32)
 
 
-def embed_cached(model: SentenceTransformer, texts: list[str], name: str) -> np.ndarray:
+def embed_cached(model: Embedder, texts: list[str], name: str) -> np.ndarray:
     """`embed` with a cache (training scripts re-run), keyed by the texts and the embedder's precision."""
     key = hashlib.sha256("\n".join([EMBEDDER_NAME, EMBEDDER_PRECISION, *texts]).encode()).hexdigest()[:16]
     path = cache_dir() / "embeddings" / f"{name}-{key}.npy"

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import sparse
-from sentence_transformers import SentenceTransformer
 from sklearn.feature_extraction.text import HashingVectorizer
 
 from chatbot.data import SPEAKER, Turn
-from chatbot.embeddings import EMBEDDER_NAME, embed, read_head, save_head
+from chatbot.embeddings import EMBEDDER_NAME, Embedder, embed, read_head, save_head
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED
 
 logger = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class LexicalFeatures:
 class EmotionDetector:
     """Average of a semantic and a lexical softmax-linear classifier."""
 
-    def __init__(self, embedder: SentenceTransformer, labels: Sequence[str], dense: tuple[np.ndarray, np.ndarray],
+    def __init__(self, embedder: Embedder, labels: Sequence[str], dense: tuple[np.ndarray, np.ndarray],
                  lexical: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None, weight: float = 0.5,
                  manifest: dict | None = None):
         """`dense` = (coef (labels, dim), intercept); `lexical` = (coef (labels, features), intercept, idf)."""
@@ -136,7 +135,7 @@ class EmotionDetector:
         return save_head(out_dir, WEIGHTS_FILE, arrays, manifest)
 
     @classmethod
-    def load(cls, path: Path, embedder: SentenceTransformer, embedder_name: str = EMBEDDER_NAME) -> EmotionDetector:
+    def load(cls, path: Path, embedder: Embedder, embedder_name: str = EMBEDDER_NAME) -> EmotionDetector:
         """Load saved weights, refusing ones trained on another embedder."""
         try:
             manifest, w = read_head(path, WEIGHTS_FILE)
@@ -157,7 +156,7 @@ def _fit_linear(x, labels: Sequence[str], c: float, seed: int) -> tuple[list[str
 
 
 def train_detector(
-    embedder: SentenceTransformer,
+    embedder: Embedder,
     dense_vectors: np.ndarray,
     dense_labels: Sequence[str],
     lexical_texts: Sequence[str],
@@ -186,7 +185,7 @@ def accuracy(detector: EmotionDetector, texts: Sequence[str], gold: Sequence[str
     return float(np.mean([p.label == g for p, g in zip(predictions, gold)]))
 
 
-def load_emotion_detector(embedder: SentenceTransformer, path: Path = EMOTION_DIR) -> EmotionDetector | None:
+def load_emotion_detector(embedder: Embedder, path: Path = EMOTION_DIR) -> EmotionDetector | None:
     """The shipped detector, or None (with a warning) when it is missing or does not fit."""
     try:
         return EmotionDetector.load(path, embedder)

@@ -45,14 +45,13 @@ from transformers import (
     DynamicCache,
     LogitsProcessorList,
     NoRepeatNGramLogitsProcessor,
-    PreTrainedModel,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopPLogitsWarper,
 )
 
 from chatbot.generation import GenerationSettings
-from chatbot.models import ChatModel, is_prompt_learning, position_ids, resolve_base_model
+from chatbot.models import ChatModel, position_ids, resolve_base_model
 from chatbot.prompts import TURN_MARKERS, clean_reply, first_sentences
 from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads, model_checksum, model_files
 
@@ -121,10 +120,10 @@ def adapter_state(chat: ChatModel, adapter: bool) -> AbstractContextManager:
     return chat.model.disable_adapter() if chat.has_adapter and not adapter else nullcontext()
 
 
-def stop_token_ids(model: PreTrainedModel, tokenizer: object) -> set[int]:
+def stop_token_ids(chat: ChatModel) -> set[int]:
     """Token ids that end a turn: the model's end-of-sequence id(s) and the tokenizer's (SmolLM2: <|im_end|>)."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    ids = set(eos if isinstance(eos, list) else [eos]) | {getattr(tokenizer, "eos_token_id", None)}
+    eos = getattr(chat.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos]) | {getattr(chat.tokenizer, "eos_token_id", None)}
     return {i for i in ids if i is not None}
 
 
@@ -458,7 +457,7 @@ class OrtBackend:
 
 def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
     """Whether `Decoder` can decode these settings (beam search and prompt tuning need `model.generate`)."""
-    return settings.num_beams <= 1 and not is_prompt_learning(chat.model)
+    return settings.num_beams <= 1 and not chat.prompt_learning
 
 
 def _sources(chat: ChatModel) -> list[Path]:
@@ -522,10 +521,10 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if is_prompt_learning(chat.model):
+    if chat.prompt_learning:
         raise ExportError("prompt-tuning adapters have no ONNX export; they decode with transformers")
-    if chat.model.config.model_type not in EXPORTABLE_TYPES:
-        raise ExportError(f"{chat.model.config.model_type} models are not exported to ONNX here")
+    if chat.config.model_type not in EXPORTABLE_TYPES:
+        raise ExportError(f"{chat.config.model_type} models are not exported to ONNX here")
     manifest = export_manifest(chat, precision)
     target = export_dir(manifest)
     if (target / MANIFEST_FILE).exists():

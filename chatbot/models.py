@@ -7,12 +7,21 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Tokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Tokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from chatbot.prompts import PROMPT_FORMAT_VERSION, prepare_tokenizer
 from chatbot.runtime import ASSETS_DIR, cache_dir, get_device, package_dir
@@ -35,15 +44,61 @@ class ModelLoadError(RuntimeError):
     """A base model or adapter cannot be found or does not fit."""
 
 
-@dataclass
 class ChatModel:
-    """A causal LM ready for chat: model (maybe with a peft adapter), prepared tokenizer and where they came from."""
+    """A causal LM ready for chat: model (maybe with a peft adapter), prepared tokenizer and where they came from.
 
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
-    base_model: str
-    adapter_path: Path | None = None
-    adapter_meta: dict = field(default_factory=dict)
+    The model may be loaded on first use instead (`load_chat_model(lazy=True)`): the served ONNX path needs only
+    the tokenizer, its config and the adapter's metadata, so the app starts without reading the PyTorch weights
+    or importing peft.
+    """
+
+    def __init__(self, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase, base_model: str,
+                 adapter_path: Path | None = None, adapter_meta: dict | None = None,
+                 load: Callable[[], PreTrainedModel] | None = None):
+        """`model`, or `load` to call once when `model` is first read."""
+        if model is None and load is None:
+            raise ValueError("a ChatModel needs a model or a way to load one")
+        self._model, self._load, self._loading = model, load, threading.Lock()
+        self.tokenizer, self.base_model = tokenizer, base_model
+        self.adapter_path, self.adapter_meta = adapter_path, adapter_meta or {}
+
+    @property
+    def model(self) -> PreTrainedModel:
+        """The PyTorch model (loaded now if it was deferred)."""
+        with self._loading:
+            if self._model is None:
+                logger.info("Loading the PyTorch weights of %s (first use)", self.base_model)
+                self._model = self._load()
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the PyTorch weights are in memory (deferred ones load on first use of `model`)."""
+        return self._model is not None
+
+    @property
+    def config(self) -> PretrainedConfig:
+        """The model's config, read without loading the weights when they are deferred."""
+        if self._model is not None:
+            return self._model.config
+        return AutoConfig.from_pretrained(resolve_base_model(self.base_model))
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        """The model's generation defaults (end-of-turn ids), read without loading deferred weights."""
+        if self._model is not None:
+            return self._model.generation_config
+        try:
+            return GenerationConfig.from_pretrained(resolve_base_model(self.base_model))
+        except OSError:  # no generation_config.json: what from_pretrained derives from the config
+            return GenerationConfig.from_model_config(self.config)
+
+    @property
+    def prompt_learning(self) -> bool:
+        """Whether the adapter is a prompt-learning one (virtual tokens: only `generate` decodes it)."""
+        if self._model is not None:
+            return is_prompt_learning(self._model)
+        return self.adapter_meta.get("peft_type") not in (None, "LORA")  # train.py's methods: LoRA, prompt tuning, full
 
     @property
     def has_adapter(self) -> bool:
@@ -204,15 +259,21 @@ def check_adapter(meta: dict, base_model: str, adapter_path: Path) -> None:
         )
 
 
+def checked_adapter_meta(path: Path, base_model: str) -> dict:
+    """The adapter folder's metadata, after checking that it exists and fits `base_model` and our prompt format."""
+    if not path.is_dir():
+        raise ModelLoadError(f"Adapter folder {path} does not exist")
+    meta = read_adapter_meta(path)
+    check_adapter(meta, base_model, path)
+    return meta
+
+
 def attach_adapter(chat: ChatModel, adapter_path: str | os.PathLike) -> ChatModel:
     """Load a peft adapter (LoRA or prompt tuning) on top of the base model, after checking its metadata."""
     from peft import PeftModel
 
     path = Path(adapter_path)
-    if not path.is_dir():
-        raise ModelLoadError(f"Adapter folder {path} does not exist")
-    meta = read_adapter_meta(path)
-    check_adapter(meta, chat.base_model, path)
+    meta = checked_adapter_meta(path, chat.base_model)
     model = PeftModel.from_pretrained(chat.model, str(path))
     model.eval()
     return ChatModel(model=model, tokenizer=chat.tokenizer, base_model=chat.base_model, adapter_path=path, adapter_meta=meta)
@@ -265,8 +326,23 @@ def adapter_choice(adapter: str | os.PathLike | None) -> str | os.PathLike | Non
 
 
 def load_chat_model(
-    base_model: str = DEFAULT_BASE_MODEL, adapter: str | os.PathLike | None = None, device: str | None = None
+    base_model: str = DEFAULT_BASE_MODEL, adapter: str | os.PathLike | None = None, device: str | None = None,
+    lazy: bool = False,
 ) -> ChatModel:
-    """Base model plus optional adapter, in one call."""
-    chat = load_base_model(base_model, device)
-    return attach_adapter(chat, adapter) if adapter else chat
+    """Base model plus optional adapter, in one call; `lazy`: the weights load on first use of `.model`.
+
+    Lazy or not, a missing base model or an adapter made for another base model or prompt format raises
+    ModelLoadError here.
+    """
+    if not lazy:
+        chat = load_base_model(base_model, device)
+        return attach_adapter(chat, adapter) if adapter else chat
+    source = resolve_base_model(base_model)
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"Cannot load base model {base_model!r} (from {source!r}): {err}") from err
+    path = Path(adapter) if adapter else None
+    meta = checked_adapter_meta(path, base_model) if path else {}
+    return ChatModel(None, tokenizer, base_model, path, meta,
+                     load=lambda: load_chat_model(base_model, adapter, device).model)

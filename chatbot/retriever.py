@@ -15,10 +15,9 @@ from pathlib import Path
 
 import faiss
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example, Turn, data_checksum, load_examples
-from chatbot.embeddings import EMBEDDER_NAME, EMBEDDER_PRECISION, embed, load_embedder
+from chatbot.embeddings import EMBEDDER_NAME, EMBEDDER_PRECISION, Embedder, embed, load_embedder
 from chatbot.runtime import DEFAULT_SEED, cpu_threads
 
 logger = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ def recall_at_k(approximate: faiss.Index, vectors: np.ndarray, k: int = 10, quer
 
 def build_index(
     examples: Sequence[Example],
-    embedder: SentenceTransformer,
+    embedder: Embedder,
     out_dir: Path,
     data_checksum: str,
     index_type: str = "flat",
@@ -189,7 +188,7 @@ def recover_interrupted_build(out_dir: Path) -> None:
 def build_from_data(
     data_dir: str | os.PathLike | None,
     index_dir: Path,
-    embedder: SentenceTransformer | None = None,
+    embedder: Embedder | None = None,
     split: str = "train",
     index_type: str = "flat",
     limit: int | None = None,
@@ -220,7 +219,7 @@ def read_manifest(index_dir: Path) -> dict:
 class Retriever:
     """Top-k similar dialogues for a conversation, from an index built by build_index.py."""
 
-    def __init__(self, index_dir: Path, embedder: SentenceTransformer, embedder_name: str = EMBEDDER_NAME):
+    def __init__(self, index_dir: Path, embedder: Embedder, embedder_name: str = EMBEDDER_NAME):
         """Load and check an index; raises IndexLoadError with a clear message when it does not fit."""
         index_dir = Path(index_dir)
         manifest = read_manifest(index_dir)

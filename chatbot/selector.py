@@ -18,23 +18,28 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from sentence_transformers import SentenceTransformer
 
 from chatbot.data import Example
 from chatbot.embeddings import (
     EMBEDDER_NAME,
+    Embedder,
     adapted_embedder,
     adapter_digest,
     embed,
     lora_arguments,
     read_head,
     save_head,
+    trainable,
 )
 from chatbot.retriever import QUERY_TURNS, RetrievedDialogue, Retriever
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, cache_dir, set_seed
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ class SelectorTuning:
 class ResponseSelector:
     """Scores candidate replies to a dialogue by cosine in its encoder's space; higher is a better reply."""
 
-    def __init__(self, encoder: SentenceTransformer, manifest: dict | None = None):
+    def __init__(self, encoder: Embedder, manifest: dict | None = None):
         """`encoder`: the embedder with the selector's adapter merged in (the plain embedder: untuned MiniLM)."""
         self.encoder = encoder
         self.manifest = manifest or {}
@@ -138,7 +143,7 @@ class ResponseSelector:
         return save_head(out_dir, WEIGHTS_FILE, stored, self.manifest)
 
     @classmethod
-    def load(cls, path: Path, embedder: SentenceTransformer, embedder_name: str = EMBEDDER_NAME) -> ResponseSelector:
+    def load(cls, path: Path, embedder: Embedder, embedder_name: str = EMBEDDER_NAME) -> ResponseSelector:
         """The saved adapter merged into a copy of `embedder`; SelectorLoadError says what is missing or does not fit."""
         try:
             manifest, weights = read_head(path, WEIGHTS_FILE)
@@ -167,7 +172,7 @@ def _expected_manifest(embedder_name: str = EMBEDDER_NAME) -> dict:
             "query_turns": QUERY_TURNS}
 
 
-def load_response_selector(embedder: SentenceTransformer, path: Path = SELECTOR_DIR) -> ResponseSelector | None:
+def load_response_selector(embedder: Embedder, path: Path = SELECTOR_DIR) -> ResponseSelector | None:
     """The shipped selector, or None (with a warning) when it is missing or does not fit."""
     try:
         return ResponseSelector.load(path, embedder)
@@ -176,7 +181,7 @@ def load_response_selector(embedder: SentenceTransformer, path: Path = SELECTOR_
         return None
 
 
-def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]], tuning: SelectorTuning,
+def tune_selector(embedder: Embedder, pairs: Sequence[tuple[str, str]], tuning: SelectorTuning,
                   seed: int = DEFAULT_SEED, evaluate: Callable[[SentenceTransformer], float] | None = None,
                   every: int = 0, progress: bool = True,
                   ) -> tuple[SentenceTransformer, dict[str, np.ndarray], list[dict]]:
@@ -195,7 +200,7 @@ def tune_selector(embedder: SentenceTransformer, pairs: Sequence[tuple[str, str]
     from tqdm.auto import tqdm
 
     set_seed(seed)
-    model = copy.deepcopy(embedder)
+    model = copy.deepcopy(trainable(embedder))
     inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
     starts = range(0, len(pairs), tuning.batch_size)  # one optimizer step per batch

@@ -136,11 +136,12 @@ def random_adapter(model, config, seed: int | None = None):
     return peft_model
 
 
-def uncached_greedy_reply(model, tokenizer, prompt_text: str, settings) -> str | None:
+def uncached_greedy_reply(chat, prompt_text: str, settings) -> str | None:
     """The reply, as the bot shows it, of a greedy decode that reads the whole sequence at every step (no KV cache)."""
     from chatbot.engine import ReplyText, stop_token_ids
 
-    stop_ids = stop_token_ids(model, tokenizer)
+    model, tokenizer = chat.model, chat.tokenizer
+    stop_ids = stop_token_ids(chat)
     ids = tokenizer(prompt_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     prompt_length = ids.shape[1]
     with torch.no_grad():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from peft import LoraConfig, PromptTuningConfig, get_peft_model
@@ -128,6 +129,43 @@ def test_adapter_round_trip_and_base_switch(tiny_chat, gpt2_tokenizer, tmp_path,
         attach_adapter(tiny_chat, tmp_path / "missing")
 
 
+def test_a_lazy_chat_model_reads_its_weights_on_first_use_and_checks_its_adapter_at_once(
+        tiny_model_dir, gpt2_tokenizer, tmp_path, monkeypatch):
+    """`load_chat_model(lazy=True)`: tokenizer, config, end ids and adapter checks now, the weights on first use."""
+    from transformers import AutoModelForCausalLM
+
+    from chatbot.engine import stop_token_ids
+    from chatbot.models import load_chat_model
+    from tests.conftest import make_tiny_gpt2
+
+    name = str(tiny_model_dir)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type="CAUSAL_LM")
+    save_adapter(random_adapter(make_tiny_gpt2(gpt2_tokenizer), lora), gpt2_tokenizer, tmp_path / "lora", name)
+    save_adapter(random_adapter(make_tiny_gpt2(gpt2_tokenizer), PromptTuningConfig(num_virtual_tokens=4,
+                 task_type="CAUSAL_LM")), gpt2_tokenizer, tmp_path / "prompt", name)
+    eager = load_chat_model(name, tmp_path / "lora", "cpu")
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a) or real(*a, **k))
+
+    lazy = load_chat_model(name, tmp_path / "lora", "cpu", lazy=True)
+    assert not lazy.loaded and loads == []
+    assert lazy.has_adapter and not lazy.prompt_learning
+    assert lazy.config.to_dict() == eager.config.to_dict() and stop_token_ids(lazy) == stop_token_ids(eager)
+    assert load_chat_model(name, tmp_path / "prompt", "cpu", lazy=True).prompt_learning
+    assert loads == []
+    settings = GREEDY.updated(max_new_tokens=6)
+    for system in ("base", "tuned"):
+        expected = EmpatheticChatbot(eager).respond("hello", settings=settings, system=system).text
+        assert EmpatheticChatbot(lazy).respond("hello", settings=settings, system=system).text == expected
+    assert lazy.loaded and len(loads) == 1  # once, for both replies
+    other = shutil.copytree(tiny_model_dir, tmp_path / "another-base")  # the same files under another name
+    with pytest.raises(ModelLoadError, match="trained on base model"):
+        load_chat_model(str(other), tmp_path / "lora", "cpu", lazy=True)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_chat_model(name, tmp_path / "missing", "cpu", lazy=True)
+
+
 def test_a_save_that_fails_leaves_the_previous_adapter_loadable(tiny_chat, gpt2_tokenizer, tmp_path, monkeypatch):
     from tests.conftest import make_tiny_gpt2
 
@@ -183,7 +221,7 @@ def test_prompt_tuning_replies_keep_the_virtual_tokens_while_decoding(architectu
     save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", name)
     tuned = attach_adapter(wrap_model(make(gpt2_tokenizer), gpt2_tokenizer, name, "cpu"), tmp_path / "adapter")
     settings = GREEDY.updated(repetition_penalty=1.0, max_sentences=0, max_new_tokens=24)
-    expected = uncached_greedy_reply(tuned.model, gpt2_tokenizer, build_prompt(gpt2_tokenizer, "hello").text, settings)
+    expected = uncached_greedy_reply(tuned, build_prompt(gpt2_tokenizer, "hello").text, settings)
     reply = EmpatheticChatbot(tuned).respond("hello", settings=settings, system="tuned")
     assert reply.text == expected and reply.text
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from chatbot import embeddings
-from chatbot.embeddings import embed, embedder_engine, load_embedder
+from chatbot.embeddings import embed, embedder_engine, load_embedder, resolve_embedder, sentence_transformer
 
 TEXTS = [
     "I got a new puppy today!",
@@ -20,25 +20,39 @@ TEXTS = [
 def test_onnx_vectors_equal_sentence_transformers(embedder):
     """Batched, padded, truncated and single texts: ONNX Runtime gives sentence-transformers' unit vectors."""
     assert embedder_engine(embedder) == "onnxruntime"
-    reference = embedder.encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
+    reference = sentence_transformer(resolve_embedder()).encode(TEXTS, normalize_embeddings=True, convert_to_numpy=True)
     for batch_size in (64, 2):
         np.testing.assert_allclose(embed(embedder, TEXTS, batch_size=batch_size), reference, atol=1e-5)
     np.testing.assert_allclose(embed(embedder, TEXTS[:1]), reference[:1], atol=1e-5)
     assert embed(embedder, []).shape == (0, reference.shape[1])
 
 
-def test_export_is_cached_and_reused(tmp_path, monkeypatch):
-    """The second load reads the cached export: it never calls the exporter again."""
+def test_export_is_cached_and_reused_without_sentence_transformers(tmp_path, monkeypatch):
+    """The second load reads the cached export: no export again, and no sentence-transformers model is built."""
     monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
     first = load_embedder(device="cpu")
     assert embedder_engine(first) == "onnxruntime"
     assert len(list((tmp_path / "onnx").glob("embedder-*/model.onnx"))) == 1
 
     def refuse(*args, **kwargs):
-        raise AssertionError("exported again")
+        raise AssertionError("exported again or sentence-transformers loaded")
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
-    assert embedder_engine(load_embedder(device="cpu")) == "onnxruntime"
+    monkeypatch.setattr(embeddings, "sentence_transformer", refuse)
+    second = load_embedder(device="cpu")
+    assert embedder_engine(second) == "onnxruntime"
+    np.testing.assert_array_equal(embed(second, TEXTS), embed(first, TEXTS))
+
+
+def test_corrupt_cached_export_is_rebuilt(tmp_path, monkeypatch):
+    """A cached export that no longer opens is exported again and serves the same vectors."""
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
+    expected = embed(load_embedder(device="cpu"), TEXTS[:2])
+    (path,) = (tmp_path / "onnx").glob("embedder-*/model.onnx")
+    path.write_bytes(b"not a graph")
+    rebuilt = load_embedder(device="cpu")
+    assert embedder_engine(rebuilt) == "onnxruntime"
+    np.testing.assert_allclose(embed(rebuilt, TEXTS[:2]), expected, atol=1e-6)
 
 
 def test_failed_export_falls_back_and_leaves_nothing_behind(tmp_path, monkeypatch, caplog):
@@ -57,11 +71,12 @@ def test_failed_export_falls_back_and_leaves_nothing_behind(tmp_path, monkeypatc
 
 
 def test_mismatching_vectors_are_refused(tmp_path, monkeypatch):
-    """An export whose vectors differ from sentence-transformers' is not used."""
+    """An export whose vectors differ from sentence-transformers' is neither used nor cached."""
     monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
     real_call = embeddings.OnnxEncoder.__call__
     monkeypatch.setattr(embeddings.OnnxEncoder, "__call__", lambda self, *a, **k: real_call(self, *a, **k) + 0.01)
     assert embedder_engine(load_embedder(device="cpu")) == "sentence-transformers"
+    assert not list((tmp_path / "onnx").iterdir())
 
 
 def test_engine_switch_keeps_sentence_transformers(monkeypatch):

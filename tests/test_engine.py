@@ -43,7 +43,7 @@ def loop_tokens(chat: ChatModel, prompts: list[list[int]], settings, adapters=No
 
 def row_tokens(chat: ChatModel, rows: list[Row], settings, backend=None) -> list[list[int]]:
     """`loop_tokens` for rows built by the caller (e.g. a message's candidates)."""
-    stop = stop_token_ids(chat.model, chat.tokenizer)
+    stop = stop_token_ids(chat)
     backend = backend(rows) if backend else TorchBackend(chat, rows)
     out: list[list[int]] = [[] for _ in rows]
     for step in Decoder(backend, rows, settings, stop, chat.tokenizer.pad_token_id):

@@ -250,9 +250,8 @@ def test_embedder_failing_still_screens_for_crisis_and_replies_without_retrieval
     def failing(*args, **kwargs):
         raise RuntimeError("embedding failed (simulated)")
 
-    monkeypatch.setattr(bot.embedder, "encode", failing)
-    monkeypatch.setattr(bot.crisis.embedder, "encode", failing)  # the screen's copy, with its adapter merged
-    monkeypatch.setattr(embeddings, "_ONNX_ENCODERS", {})  # so the ONNX Runtime path falls to the failing one too
+    assert embeddings.embedder_engine(bot.embedder) == embeddings.embedder_engine(bot.crisis.embedder) == "onnxruntime"
+    monkeypatch.setattr(embeddings.OnnxEncoder, "__call__", failing)  # the shared embedder and the screen's copy
     crisis = bot.respond("I want to kill myself tonight.", settings=GREEDY)
     assert crisis.kind == "crisis"  # the patterns still screen without the embedder
     reply = bot.respond("My goldfish died this morning.", settings=GREEDY)

@@ -42,6 +42,22 @@ def test_real_reply_is_caring_on_topic_and_not_an_echo(real_bot):
     assert reply.prompt_tokens > 100  # the retrieved examples are in the prompt
 
 
+def test_a_cached_start_serves_without_pytorch_weights_sentence_transformers_or_peft(real_bot, real_index):
+    """What keeps the app's start short: with the exports cached (real_bot built them), a reply on ONNX Runtime
+    needs none of them; beam search, which only transformers decodes, loads the weights on first use."""
+    code = (
+        "import sys; from chatbot.bot import EmpatheticChatbot; from chatbot.generation import PRESETS; "
+        f"bot = EmpatheticChatbot.from_pretrained(index_dir={str(real_index)!r}, device='cpu'); "
+        "reply = bot.respond('I lost my keys today.', settings=PRESETS['greedy']); "
+        "print(reply.engine, bot.chat.loaded, sorted({'peft', 'sentence_transformers'} & set(sys.modules))); "
+        "beams = bot.respond('I lost my keys today.', settings=PRESETS['greedy'].updated(num_beams=2, max_new_tokens=8)); "
+        "print(beams.engine, bot.chat.loaded, bool(beams.text))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines()[-2:] == ["onnxruntime False []", "transformers True True"]
+
+
 def test_real_retrieval_excludes_and_matches_exact_search(real_index, embedder):
     import numpy as np
 
@@ -96,5 +112,5 @@ def test_shipped_prompt_tuning_adapter_replies_as_an_uncached_decode_does(real_i
     prompt = bot.prompt_for(REPORT_MESSAGE, [], reply.retrieved, reply.emotion.label)
     print(f"\nprompt-tuning reply: {reply.text}")
     assert reply.kind == "model"
-    assert reply.text == uncached_greedy_reply(bot.chat.model, bot.chat.tokenizer, prompt.text, settings)
+    assert reply.text == uncached_greedy_reply(bot.chat, prompt.text, settings)
     assert len(reply.text.split()) >= 4

@@ -15,14 +15,25 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import sparse
-from sentence_transformers import SentenceTransformer
 
-from chatbot.embeddings import EMBEDDER_NAME, adapted_embedder, adapter_digest, embed, lora_arguments
+from chatbot.embeddings import (
+    EMBEDDER_NAME,
+    Embedder,
+    adapted_embedder,
+    adapter_digest,
+    embed,
+    lora_arguments,
+    trainable,
+)
 from chatbot.emotion import HASH_FEATURES, LexicalFeatures
 from chatbot.runtime import ASSETS_DIR, set_seed
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +130,7 @@ class SafetyClassifier:
         logits = features(vectors, texts, *lexical) @ self.coef + self.intercept
         return 1.0 / (1.0 + np.exp(-np.asarray(logits).ravel()))
 
-    def encoder(self, embedder: SentenceTransformer) -> SentenceTransformer:
+    def encoder(self, embedder: Embedder) -> Embedder:
         """The embedder this classifier reads: the shared one, or a copy with the trained adapter merged in."""
         if self.lora_config is None:
             return embedder
@@ -194,7 +205,7 @@ def near_duplicates(vectors: np.ndarray, others: np.ndarray, limit: float) -> li
     return [(int(i), int(j), float(similarity[i, j])) for i, j in zip(*np.nonzero(similarity >= limit))]
 
 
-def tune_encoder(embedder: SentenceTransformer, texts: list[str], is_crisis: np.ndarray, tuning: EncoderTuning,
+def tune_encoder(embedder: Embedder, texts: list[str], is_crisis: np.ndarray, tuning: EncoderTuning,
                  seed: int) -> SentenceTransformer:
     """A copy of the embedder whose transformer carries a LoRA adapter trained to tell crisis texts from the rest."""
     import torch
@@ -204,7 +215,7 @@ def tune_encoder(embedder: SentenceTransformer, texts: list[str], is_crisis: np.
     from tqdm.auto import trange
 
     set_seed(seed)
-    model = copy.deepcopy(embedder)
+    model = copy.deepcopy(trainable(embedder))
     inject_adapter_in_model(LoraConfig(**tuning.lora, lora_dropout=0.1), model[0].auto_model)  # peft's low-level API: adapter layers, no wrapper
     head = torch.nn.Linear(model.get_embedding_dimension(), 1).to(model.device)
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": tuning.lr},
@@ -229,7 +240,7 @@ def tune_encoder(embedder: SentenceTransformer, texts: list[str], is_crisis: np.
 def train_classifier(
     texts: list[str],
     is_crisis: np.ndarray,
-    embedder: SentenceTransformer,
+    embedder: Embedder,
     tuning: EncoderTuning,
     c_grid: tuple[float, ...],
     folds: int,
@@ -247,7 +258,7 @@ def train_classifier(
     from sklearn.metrics import average_precision_score
     from sklearn.model_selection import StratifiedKFold
 
-    def encoder(rows: np.ndarray) -> SentenceTransformer:
+    def encoder(rows: np.ndarray) -> Embedder:
         if not tuning.epochs:
             return embedder
         return tune_encoder(embedder, [texts[i] for i in rows], is_crisis[rows], tuning, seed)

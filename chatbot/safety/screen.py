@@ -12,9 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sentence_transformers import SentenceTransformer
 
-from chatbot.embeddings import embed
+from chatbot.embeddings import Embedder, embed
 from chatbot.safety.classifier import CONCERN, CRISIS, NONE, SafetyClassifier
 from chatbot.safety.patterns import (
     ACCIDENT,
@@ -144,7 +143,7 @@ def message_parts(text: str) -> list[str]:
 class CrisisScreen:
     """Screens user messages for suicide or self-harm risk; without an embedder, with the patterns only."""
 
-    def __init__(self, embedder: SentenceTransformer | None = None, classifier: SafetyClassifier | None = None):
+    def __init__(self, embedder: Embedder | None = None, classifier: SafetyClassifier | None = None):
         """Load the shipped classifier when an embedder is given and no classifier is; embed as that classifier reads."""
         self.classifier = classifier if classifier is not None or embedder is None else SafetyClassifier.load()
         self.embedder = embedder if embedder is None or self.classifier is None else self.classifier.encoder(embedder)
