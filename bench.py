@@ -4,14 +4,17 @@ Writes assets/results/bench.json and bench.md (medians and p95 after a warm-up):
 the GGUF conversion, and a cached start), time to first token and decode speed for a fixed prompt (greedy,
 64 new tokens) next to plain fp32 `model.generate` as the baseline, full reply latency with and without
 retrieval, retrieval query latency, the crisis screen and reply selection per message, index build throughput,
-app start-up, Compare vs one reply, a load test through the app's API, and the int8 copy's held-out perplexity next to fp32. Run it on an otherwise idle
-machine: other work on the CPU makes every figure meaningless.
+app start-up, Compare vs one reply, a load test through the app's API, and the served engine's held-out perplexity next to
+transformers fp32. With `--precisions`, a table of ONNX precisions (quantized variants such as int4-acc1-b128) next to
+fp32: served perplexity, decode speed and greedy identity. Run it on an otherwise idle machine: other work on the CPU
+makes every figure meaningless.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -32,7 +35,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from chatbot.data import SPEAKER, Turn, load_examples
 from chatbot.embeddings import embed
-from chatbot.engine import Decoder, OrtBackend, Row, TorchBackend, served_perplexity
+from chatbot.engine import Decoder, OrtBackend, Row, TorchBackend, load_onnx, served_perplexity
 from chatbot.generation import PRESETS, GenerationSettings
 from chatbot.models import packaged_gguf
 from chatbot.retriever import query_text
@@ -199,8 +202,13 @@ def bench_candidates(bot: object, runs: int, n: int = 4) -> dict:
             "ratio": round(stats["many"]["total"]["p50_ms"] / stats["one"]["total"]["p50_ms"], 2)}
 
 
-def bench_greedy_identity(bot: object, data_dir: str | None, prompts: int, new_tokens: int = 32) -> dict:
-    """On fixed test-split prompts (with retrieval), base and tuned: does the served engine pick transformers' tokens?"""
+def bench_greedy_identity(bot: object, data_dir: str | None, prompts: int, new_tokens: int = 32,
+                          reference: dict | None = None) -> dict:
+    """On fixed test-split prompts (with retrieval), base and tuned: does the served engine pick transformers' tokens?
+
+    `reference` keeps transformers' tokens by (prompt, adapter) between calls (several ONNX precisions, one model).
+    """
+    reference = {} if reference is None else reference
     settings = PRESETS["greedy"].updated(max_new_tokens=new_tokens, max_sentences=0)
     examples = load_examples(data_dir, "test", limit=prompts)
     result = {"prompts": len(examples), "new_tokens": new_tokens, "engine": bot.engine_for(settings)}
@@ -213,12 +221,79 @@ def bench_greedy_identity(bot: object, data_dir: str | None, prompts: int, new_t
             row = [Row(tuple(bot.chat.tokenizer(text, add_special_tokens=False)["input_ids"]), adapter, False)]
             outputs = []
             for engine in (TorchBackend.name, result["engine"]):
+                if engine == TorchBackend.name and (row[0], new_tokens) in reference:
+                    outputs.append(reference[row[0], new_tokens])
+                    continue
                 backend = backend_for(bot, engine, row)
                 decoder = Decoder(backend, row, settings, bot._stop_ids, bot.chat.tokenizer.pad_token_id)
                 outputs.append([t for step in decoder for t in step])
+                if engine == TorchBackend.name:
+                    reference[row[0], new_tokens] = outputs[-1]
             same += outputs[0] == outputs[1]
         result[system] = same
     return result
+
+
+def bench_quantization(bot: object, data_dir: str | None, precisions: list[str], runs: int, examples: int,
+                       prompts: int) -> dict:
+    """Each ONNX precision (int8/int4 variants, opt-in) against fp32: the served held-out perplexity next to
+    transformers fp32 (200 test replies, base and tuned), decode tokens/s for the fixed prompt next to plain fp32
+    `generate` (all interleaved run by run, one process) and greedy tokens identical to transformers."""
+    variants = {}
+    for name in precisions:
+        started = time.perf_counter()
+        variant = copy.copy(bot)  # the same model, tokenizer, retriever and detector, served by this export
+        variant.onnx = load_onnx(bot.chat, name)
+        variants[variant.onnx.manifest["precision"]] = variant
+        logger.info("%s loaded (exported if new) in %.1f s", name, time.perf_counter() - started)
+    prompt = report_prompt(bot, bot.k if bot.retriever else 0)
+    row = [Row(tuple(prompt), True, False)]
+    measures = {"generate_fp32": lambda: time_generate(bot.chat.model, prompt)}
+    measures.update({name: functools.partial(time_decoder, v, OrtBackend.name, row) for name, v in variants.items()})
+    decode = {name: summarize_decode(stats) for name, stats in repeat_interleaved(measures, runs).items()}
+    base = decode["generate_fp32"]["decode_tokens_per_s"]
+    reference: dict = {}
+    results = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "runs": runs,
+               "generate_fp32_tokens_per_s": base, "variants": {}}
+    for name, variant in variants.items():
+        logger.info("Perplexity and greedy identity of %s", name)
+        identity = bench_greedy_identity(variant, data_dir, prompts, reference=reference)
+        ppl = served_perplexity(bot.chat, variant.onnx, data_dir, examples)
+        results["variants"][name] = {
+            "quantization": variant.onnx.manifest.get("quantization"),
+            "decode_tokens_per_s": decode[name]["decode_tokens_per_s"],
+            "decode_speedup_vs_generate": round(decode[name]["decode_tokens_per_s"] / base, 2),
+            "greedy_identical": {"base": identity["base"], "tuned": identity["tuned"], "prompts": identity["prompts"]},
+            "perplexity": ppl["systems"], "perplexity_examples": ppl["examples"],
+            "export_mb": round(sum(f.stat().st_size for f in variant.onnx.path.iterdir()) / 2**20, 1)}
+    fp32 = results["variants"].get("fp32")
+    for v in results["variants"].values():
+        v["ppl_vs_fp32_pct"] = {s: round(100 * (p["served"] / fp32["perplexity"][s]["served"] - 1), 3)
+                                for s, p in v["perplexity"].items()} if fp32 else None
+    return results
+
+
+def quantization_markdown(q: dict) -> list[str]:
+    """The precision table: one row per ONNX precision."""
+    lines = ["", f"ONNX precisions (served engine; perplexity on {next(iter(q['variants'].values()))['perplexity_examples']} "
+             f"test replies, transformers fp32 in brackets; decode: {q['new_tokens']} greedy tokens, "
+             f"{q['prompt_tokens']}-token prompt, medians of {q['runs']} interleaved runs; plain fp32 `generate` "
+             f"{q['generate_fp32_tokens_per_s']:.1f} tokens/s; greedy: 32 tokens on the fixed prompts).", "",
+             "| precision | base PPL (vs fp32 export) | tuned PPL (vs fp32 export) | decode tokens/s | vs `generate` "
+             "| greedy = transformers, base / tuned | export MB |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, v in q["variants"].items():
+        ppl = []
+        for system in ("base", "tuned"):
+            p = v["perplexity"].get(system)
+            delta = v["ppl_vs_fp32_pct"][system] if v["ppl_vs_fp32_pct"] else None
+            ppl.append(f"{p['served']:.3f} [{p['transformers']:.3f}] ({delta:+.2f}%)" if p and delta is not None
+                       else f"{p['served']:.3f}" if p else "–")
+        g = v["greedy_identical"]
+        lines.append(f"| {name} | {ppl[0]} | {ppl[1]} | {v['decode_tokens_per_s']:.1f} | "
+                     f"{v['decode_speedup_vs_generate']:.2f}x | {g['base']}/{g['prompts']} / {g['tuned']}/{g['prompts']} "
+                     f"| {v['export_mb']:.0f} |")
+    return lines
 
 
 def bench_llama_cpp(prompt_text: str, runs: int) -> dict | None:
@@ -472,12 +547,14 @@ def markdown(report: dict) -> str:
         for system, v in ppl["systems"].items():
             rows.append((f"Held-out perplexity, {system}: transformers → served ({ppl['examples']} test replies)",
                          f"{v['transformers']:.3f} → {v['served']:.3f}", f"{v['delta_pct']:+.3f}%"))
-    lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows[1:]]
+    lines = [f"| {' | '.join(rows[0])} |", "|---|---:|---:|"] + [f"| {' | '.join(r)} |" for r in rows[1:]] if rows[1:] else []
+    if "quantization" in report:
+        lines += quantization_markdown(report["quantization"])
     env = report["environment"]
     header = (f"Benchmark of {env['date']} on {env['cpu']} ({env['threads']} torch threads), torch {env['torch']}, "
-              f"transformers {env['transformers']}. Medians and p95 after one warm-up run; "
-              f"decode: greedy, {NEW_TOKENS} new tokens, tuned+rag's prompt with k={dec.get('k', '?')} "
-              f"({dec.get('prompt_tokens', '?')} tokens).")
+              f"transformers {env['transformers']}. Medians and p95 after one warm-up run"
+              + (f"; decode: greedy, {NEW_TOKENS} new tokens, tuned+rag's prompt with k={dec['k']} "
+                 f"({dec['prompt_tokens']} tokens)." if dec else "."))
     return "\n".join([header, "", *lines, ""])
 
 
@@ -515,13 +592,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-index-build", action="store_true", help="skip index build throughput")
     parser.add_argument("--skip-perplexity", action="store_true", help="skip the served vs transformers perplexity check")
     parser.add_argument("--skip-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
+    parser.add_argument("--precisions", nargs="+", default=None, metavar="PRECISION",
+                        help="also tabulate these ONNX precisions (fp32, int8, int4, int4-acc1-b128, ...): served "
+                             "perplexity, decode speed vs plain generate, greedy identity")
+    parser.add_argument("--quantization-only", action="store_true",
+                        help="with --precisions: measure only the precision table (no other part of the bench)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    if args.quantization_only and not args.precisions:
+        parser.error("--quantization-only needs --precisions")
     report: dict = {"environment": environment()}
-    if not args.skip_model_load:
+    if not args.skip_model_load and not args.quantization_only:
         logger.info("Timing model load in fresh processes")
         report["model_load"] = bench_model_load(args.skip_first_start)
     started = time.perf_counter()
@@ -529,6 +613,12 @@ def main(argv: list[str] | None = None) -> int:
     bot = EmpatheticChatbot.from_pretrained(index_dir=args.index_dir)
     report["model_load_in_process_s"] = round(time.perf_counter() - started, 2)
     report["bot"] = {k: v for k, v in bot.describe().items() if k in ("base_model", "adapter", "engine")}
+    if args.precisions:
+        logger.info("Precision table: %s", ", ".join(args.precisions))
+        report["quantization"] = bench_quantization(bot, args.data_dir, args.precisions, args.runs,
+                                                    args.perplexity_examples, args.greedy_prompts)
+        if args.quantization_only:
+            return write_report(report, out_dir)
     logger.info("Timing decoding")
     report["decode"] = bench_decode(bot, args.runs, bot.k if bot.retriever else 0)
     if bot.retriever is not None:  # the issue asks for time to first token at k=5 too
@@ -569,6 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     report["greedy_identical_prompts"] = {"base": identity["base"], "tuned": identity["tuned"]}
     if "perplexity" in report:
         report["served_ppl_delta_pct"] = {k: v["delta_pct"] for k, v in report["perplexity"]["systems"].items()}
+    return write_report(report, out_dir)
+
+
+def write_report(report: dict, out_dir: Path) -> int:
+    """Write bench.json and bench.md to `out_dir` and print the table."""
     (out_dir / "bench.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     (out_dir / "bench.md").write_text(markdown(report), encoding="utf-8")
     logger.info("Wrote %s and %s", out_dir / "bench.json", out_dir / "bench.md")

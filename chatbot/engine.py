@@ -62,6 +62,14 @@ EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
+# A quantized precision may name the builder's weight-quantization options: <int8|int4>[-acc<level>][-b<block size>]
+# [-fp32head], e.g. int4-acc1-b128 (README: Performance). An option left out takes its default here, the builder's own
+# on CPU; a name that only repeats defaults is the plain precision's export.
+QUANT_OPTIONS = {"acc": ("accuracy_level", (0, 1, 2, 3, 4), 4), "b": ("block_size", (16, 32, 64, 128, 256), 32)}
+FP32_HEAD = "fp32head"  # keep the LM head's MatMul in fp32 (the tied embedding's Gather is still quantized in int4)
+PRECISION_FORM = "fp32, int8 or int4, the last two optionally with -acc<0-4>, -b<16|32|64|128|256>, -fp32head"
+# The projections a LoRA adapter can target, as the builder names their MatMuls (attention, then MLP).
+LORA_MODULES = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 # Model types whose export was checked against transformers here; others (GPT-2) decode with transformers.
 EXPORTABLE_TYPES = ("llama",)
 # System turns whose KV is kept: one per emotion and adapter state covers a busy app (about 4 MB each for SmolLM2).
@@ -469,16 +477,73 @@ def _sources(chat: ChatModel) -> list[Path]:
     return files
 
 
+def parse_precision(name: str) -> tuple[str, dict]:
+    """(builder precision, quantization options) of a precision name; ExportError for a name not of that form.
+
+    "int4-acc1-b128" -> ("int4", {"accuracy_level": 1, "block_size": 128, "fp32_head": False}); fp32 takes no options.
+    """
+    error = ExportError(f"unknown precision {name!r}; choose {PRECISION_FORM}")
+    precision, *parts = name.split("-")
+    if precision not in PRECISIONS or precision == "fp32" and parts:
+        raise error
+    if precision == "fp32":
+        return precision, {}
+    options = {key: default for key, _, default in QUANT_OPTIONS.values()} | {"fp32_head": False}
+    seen = set()
+    for part in parts:
+        prefix = part.rstrip("0123456789")
+        if part == FP32_HEAD:
+            key, value = "fp32_head", True
+        elif prefix in QUANT_OPTIONS and part != prefix and int(part[len(prefix):]) in QUANT_OPTIONS[prefix][1]:
+            key, value = QUANT_OPTIONS[prefix][0], int(part[len(prefix):])
+        else:
+            raise error
+        if key in seen:
+            raise error
+        seen.add(key)
+        options[key] = value
+    return precision, options
+
+
+def precision_name(precision: str, options: dict) -> str:
+    """The canonical name of a precision and its options (defaults left out): parse_precision's inverse."""
+    parts = [precision] + [f"{prefix}{options[key]}" for prefix, (key, _, default) in QUANT_OPTIONS.items()
+                           if options.get(key, default) != default]
+    return "-".join(parts + ([FP32_HEAD] if options.get("fp32_head") else []))
+
+
+def builder_options(chat: ChatModel, precision: str, options: dict) -> list[str]:
+    """The model builder's --extra_options for this export (besides the adapter): the pruned LM head and, quantized,
+    the accuracy level, block size and the MatMuls that stay fp32.
+
+    The LoRA MatMuls always stay fp32: quantized, their weights would be packed integers the run-time adapter
+    could not swap in (and a rank-16 LoRA quantizes badly). Names of projections the adapter does not touch are
+    ignored by the builder.
+    """
+    # The LM head scores the last position only: reading a prompt skips a [prompt, vocabulary] product.
+    extra = ["prune_lm_head=true"]
+    if precision == "fp32":
+        return extra
+    keep = [f"/model/layers.{layer}/{group}/{module}/lora_{ab}/MatMul" for layer in range(chat.config.num_hidden_layers)
+            for group, modules in LORA_MODULES.items() for module in modules for ab in "AB"] if chat.adapter_path else []
+    keep += ["/lm_head/MatMul"] if options["fp32_head"] else []
+    extra += [f"accuracy_level={options['accuracy_level']}", f"block_size={options['block_size']}"]
+    return extra + ([f"nodes_to_exclude={','.join(keep)}"] if keep else [])
+
+
 def export_manifest(chat: ChatModel, precision: str) -> dict:
-    """What a cached export must match to be reused: sources, builder version, precision, format version."""
-    return {
+    """What a cached export must match to be reused: sources, builder version, precision (with its quantization
+    options: the canonical name, and the options themselves for int8/int4), format version."""
+    base, options = parse_precision(precision)
+    manifest = {
         "format_version": EXPORT_FORMAT_VERSION,
         "base_model": chat.base_model,
         "adapter": str(chat.adapter_path) if chat.adapter_path else None,
         "source_sha256": model_checksum(_sources(chat)),
         "builder": f"onnxruntime-genai {builder_version()}",
-        "precision": precision,
+        "precision": precision_name(base, options),
     }
+    return manifest | ({"quantization": options} if options else {})
 
 
 def export_dir(manifest: dict) -> Path:
@@ -498,6 +563,9 @@ def _runtime_adapter(model_dir: Path) -> None:
     weights = {}
     for init in graph.graph.initializer:
         if ".lora_" in init.name:
+            if init.data_type != onnx.TensorProto.FLOAT:
+                raise ExportError(f"the model builder quantized the LoRA weight {init.name}: the run-time adapter "
+                                  "needs them in fp32")
             weights[init.name] = numpy_helper.to_array(init).copy()
             init.CopyFrom(numpy_helper.from_array(np.zeros_like(weights[init.name]), init.name))
             graph.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
@@ -517,10 +585,10 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
     """Build (once) the ONNX export of the chat model and its LoRA adapter; returns the cached folder.
 
     The export is written to a sibling folder and renamed into place last, so a crash never leaves a half-written
-    export behind; the manifest names the sources' checksum, builder version and precision.
+    export behind; the manifest names the sources' checksum, builder version and precision (with its quantization
+    options: variants of one precision are cached side by side).
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    base, options = parse_precision(precision)  # ExportError for an unknown name
     if chat.prompt_learning:
         raise ExportError("prompt-tuning adapters have no ONNX export; they decode with transformers")
     if chat.config.model_type not in EXPORTABLE_TYPES:
@@ -529,15 +597,15 @@ def export_onnx(chat: ChatModel, precision: str = "fp32") -> Path:
     target = export_dir(manifest)
     if (target / MANIFEST_FILE).exists():
         return target
-    logger.info("Exporting %s to ONNX (%s) at %s; once, takes about a minute", chat.base_model, precision, target)
+    logger.info("Exporting %s to ONNX (%s) at %s; once, takes about a minute", chat.base_model, manifest["precision"],
+                target)
     started = time.perf_counter()
     with atomic_folder(target) as tmp:
         command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
-                   resolve_base_model(chat.base_model), "-o", str(tmp), "-p", precision, "-e", "cpu",
+                   resolve_base_model(chat.base_model), "-o", str(tmp), "-p", base, "-e", "cpu",
                    "-c", str(tmp / "hf-cache")]
-        # The LM head scores the last position only: reading a prompt skips a [prompt, vocabulary] product.
-        options = ["prune_lm_head=true"] + ([f"adapter_path={chat.adapter_path}"] if chat.adapter_path else [])
-        command += ["--extra_options", *options]
+        extra = builder_options(chat, base, options)
+        command += ["--extra_options", *extra, *([f"adapter_path={chat.adapter_path}"] if chat.adapter_path else [])]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise ExportError(f"the ONNX model builder failed: {done.stderr.strip()[-500:]}")

@@ -55,7 +55,8 @@ def cpu_threads() -> int:
 
 
 def engine_choice() -> tuple[str, str]:
-    """(engine, precision) for served replies: $ED_ENGINE (onnx | transformers), $ED_ONNX_PRECISION (fp32 | int8 | int4).
+    """(engine, precision) for served replies: $ED_ENGINE (onnx | transformers), $ED_ONNX_PRECISION (fp32 | int8 | int4,
+    the last two optionally with builder options, e.g. int4-acc1-b128: chatbot.engine.parse_precision).
 
     fp32 is the default: int8 and int4 change greedy text and held-out perplexity (README, Performance).
     """

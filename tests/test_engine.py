@@ -415,6 +415,67 @@ def test_corrupt_or_unbuildable_export_falls_back_with_a_note(shipped, onnx, mon
     assert reply.engine == "transformers" and json.loads(json.dumps(reply.to_dict()))["engine"] == "transformers"
 
 
+def test_precision_names_carry_validated_builder_options():
+    assert engine.parse_precision("fp32") == ("fp32", {})
+    assert engine.parse_precision("int4") == ("int4", {"accuracy_level": 4, "block_size": 32, "fp32_head": False})
+    assert engine.parse_precision("int8-fp32head-b128-acc1") == (
+        "int8", {"accuracy_level": 1, "block_size": 128, "fp32_head": True})
+    assert engine.precision_name(*engine.parse_precision("int8-fp32head-b128-acc1")) == "int8-acc1-b128-fp32head"
+    assert engine.precision_name(*engine.parse_precision("int4-acc4-b32")) == "int4"  # defaults only: plain int4
+    for bad in ("fp16", "fp32-acc1", "int4-acc5", "int4-b48", "int4-b", "int4-acc1-acc4", "int4-head", "int4-"):
+        with pytest.raises(ExportError, match="unknown precision"):
+            engine.parse_precision(bad)
+
+
+def test_quantization_options_key_the_export_and_keep_the_lora_matmuls_fp32(gpt2_tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setenv("ED_CACHE_DIR", str(tmp_path))
+    chat = lora_chat(make_tiny_llama(gpt2_tokenizer), gpt2_tokenizer, LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), "tiny-llama")
+    chat.adapter_path = tmp_path / "adapter"
+    (tmp_path / "weights.bin").write_bytes(b"weights")
+    monkeypatch.setattr(engine, "_sources", lambda chat: [tmp_path / "weights.bin"])
+    manifests = {name: engine.export_manifest(chat, name) for name in ("fp32", "int4", "int4-acc4", "int4-acc1-b128")}
+    assert "quantization" not in manifests["fp32"]  # fp32 exports cached before these options are reused
+    assert manifests["int4"] == manifests["int4-acc4"] and manifests["int4"]["precision"] == "int4"
+    assert manifests["int4-acc1-b128"]["quantization"] == {"accuracy_level": 1, "block_size": 128, "fp32_head": False}
+    folders = {engine.export_dir(m) for m in manifests.values()}
+    assert len(folders) == 3 and engine.export_dir(manifests["int4-acc1-b128"]).name.startswith("tiny-llama-int4-acc1-b128-")
+    assert engine.builder_options(chat, "fp32", {}) == ["prune_lm_head=true"]
+    options = engine.builder_options(chat, *engine.parse_precision("int8-b64-fp32head"))
+    assert {"accuracy_level=4", "block_size=64"} <= set(options)
+    excluded = next(o for o in options if o.startswith("nodes_to_exclude=")).split("=", 1)[1].split(",")
+    assert "/lm_head/MatMul" in excluded and "/model/layers.1/attn/v_proj/lora_B/MatMul" in excluded
+    chat.adapter_path = None  # no adapter, head quantized: nothing to exclude
+    assert not any(o.startswith("nodes_to_exclude") for o in engine.builder_options(chat, "int4", engine.parse_precision("int4")[1]))
+
+
+def test_a_quantized_lora_weight_is_refused_not_served(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.zeros((4, 2, 16), dtype=np.uint8), "layers.0.q_proj.lora_A.MatMul.weight_Q4")
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])], [weight])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    with pytest.raises(ExportError, match="quantized the LoRA weight"):
+        engine._runtime_adapter(tmp_path)
+
+
+@pytest.mark.integration
+def test_quantized_export_serves_the_adapter_from_fp32_lora_inputs(shipped, onnx):
+    quantized = load_onnx(shipped, "int4-b128")
+    assert quantized.manifest["precision"] == "int4-b128" and quantized.manifest["quantization"]["block_size"] == 128
+    assert quantized.path != onnx.path and onnx.path.exists()  # cached side by side
+    assert quantized.adapter is not None and set(quantized.adapter) == set(onnx.adapter)
+    defaults = {i.name: i.type for i in quantized.session.get_overridable_initializers()}  # inputs with a default
+    assert all(defaults[name] == value.data_type() == "tensor(float)" for name, value in quantized.adapter.items())
+    prompt = encode(shipped, EmpatheticChatbot(shipped).prompt_for("I lost my job today.", [], [], None).text)
+    base, tuned = (quantized.decode([prompt], adapter, 1).prefill() for adapter in (False, True))
+    assert not (base == tuned).all()  # the LoRA inputs still change the logits
+
+
 def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tokenizer):
     from bench import DECODE_PATHS, bench_compare, bench_decode, environment, markdown
 
@@ -428,6 +489,23 @@ def test_bench_times_every_decode_path_and_compare_on_a_tiny_lora_model(gpt2_tok
     assert set(compare["alone"]) == {"base", "tuned"} and compare["ratio_two_vs_one"] > 0
     table = markdown({"environment": environment(), "decode": decode, "compare": compare})
     assert all(label in table for name, label in DECODE_PATHS.items() if name in decode)
+
+
+def test_bench_precision_table_compares_each_variant_with_the_fp32_export():
+    from bench import environment, markdown
+
+    def variant(base: float, tuned: float, quantization: dict | None) -> dict:
+        return {"quantization": quantization, "decode_tokens_per_s": 40.0, "decode_speedup_vs_generate": 2.5,
+                "greedy_identical": {"base": 20, "tuned": 19, "prompts": 20}, "perplexity_examples": 200,
+                "perplexity": {"base": {"served": base, "transformers": 38.0}, "tuned": {"served": tuned, "transformers": 22.0}},
+                "export_mb": 90.0, "ppl_vs_fp32_pct": {"base": round(100 * (base / 38.0 - 1), 3),
+                                                       "tuned": round(100 * (tuned / 22.0 - 1), 3)}}
+
+    quantization = {"prompt_tokens": 240, "new_tokens": 64, "runs": 5, "generate_fp32_tokens_per_s": 16.0,
+                    "variants": {"fp32": variant(38.0, 22.0, None), "int4-b128": variant(39.9, 22.11, {"block_size": 128})}}
+    table = markdown({"environment": environment(), "quantization": quantization})
+    assert "| int4-b128 | 39.900 [38.000] (+5.00%) | 22.110 [22.000] (+0.50%) | 40.0 | 2.50x | 20/20 / 19/20 | 90 |" in table
+    assert "| Measure |" not in table  # only the precision table was measured
 
 
 def test_bench_times_the_crisis_screen_and_selection_with_cached_reply_vectors(tiny_chat, synthetic_data,
