@@ -635,8 +635,9 @@ def load_onnx(chat: ChatModel, precision: str = "fp32") -> OnnxModel:
         decoder = config["decoder"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = cpu_threads()  # every core
-        # Threads asleep between calls: spinning ones took the cores from concurrent requests' Python.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Threads spin between a step's operators instead of sleeping: each of a step's few hundred operators
+        # would otherwise wake them (README: Performance, "Spinning").
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
         options.log_severity_level = 3  # not the warning that the LoRA inputs' zero defaults stay inputs
         session = ort.InferenceSession(str(path / decoder["filename"]), options, providers=["CPUExecutionProvider"])
         adapter = None
