@@ -252,13 +252,14 @@ def bench_quantization(bot: object, data_dir: str | None, precisions: list[str],
     measures.update({name: functools.partial(time_decoder, v, OrtBackend.name, row) for name, v in variants.items()})
     decode = {name: summarize_decode(stats) for name, stats in repeat_interleaved(measures, runs).items()}
     base = decode["generate_fp32"]["decode_tokens_per_s"]
-    reference: dict = {}
+    reference: dict = {}  # transformers' greedy tokens, the same for every export
+    ppl_reference: dict = {}  # transformers' perplexity losses, likewise
     results = {"prompt_tokens": len(prompt), "new_tokens": NEW_TOKENS, "runs": runs,
                "generate_fp32_tokens_per_s": base, "variants": {}}
     for name, variant in variants.items():
         logger.info("Perplexity and greedy identity of %s", name)
         identity = bench_greedy_identity(variant, data_dir, prompts, reference=reference)
-        ppl = served_perplexity(bot.chat, variant.onnx, data_dir, examples)
+        ppl = served_perplexity(bot.chat, variant.onnx, data_dir, examples, reference=ppl_reference)
         results["variants"][name] = {
             "quantization": variant.onnx.manifest.get("quantization"),
             "decode_tokens_per_s": decode[name]["decode_tokens_per_s"],

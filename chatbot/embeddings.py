@@ -174,8 +174,9 @@ def load_embedder(name: str = EMBEDDER_NAME, device: str | None = None) -> Embed
 
 
 def trainable(model: Embedder) -> SentenceTransformer:
-    """The sentence-transformers model behind an embedder (loaded from its folder for an ONNX export), to train."""
-    return sentence_transformer(model.source, "cpu") if isinstance(model, OnnxEncoder) else model
+    """A sentence-transformers copy of an embedder to change (tune, merge an adapter into): loaded afresh from the
+    folder of an ONNX export, deep-copied otherwise."""
+    return sentence_transformer(model.source, "cpu") if isinstance(model, OnnxEncoder) else copy.deepcopy(model)
 
 
 def _merged(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray]) -> SentenceTransformer:
@@ -199,11 +200,11 @@ def adapted_embedder(model: Embedder, lora: dict, weights: dict[str, np.ndarray]
     On ONNX Runtime when `model` is, exported once under a key naming both the base export and the adapter.
     """
     if not isinstance(model, OnnxEncoder):
-        return _merged(copy.deepcopy(model), lora, weights)
+        return _merged(trainable(model), lora, weights)
     key = hashlib.sha256((model.path.parent.name + digest).encode()).hexdigest()[:16]
 
     def build() -> SentenceTransformer:
-        return _merged(sentence_transformer(model.source, "cpu"), lora, weights)
+        return _merged(trainable(model), lora, weights)
 
     try:
         return onnx_encoder(model.source, key, build)

@@ -695,17 +695,24 @@ def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool)
 
 
 def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, limit: int = 200,
-                      seed: int = DEFAULT_SEED) -> dict:
+                      seed: int = DEFAULT_SEED, reference: dict | None = None) -> dict:
     """Held-out reply perplexity of the ONNX export next to the transformers model, base and tuned.
 
     Protocol: `limit` seeded test-split listener replies, the inference prompt without retrieval, loss on the
     reply tokens and their end-of-turn token; both engines score the same token ids.
+
+    `reference` keeps transformers' losses by (token ids, adapter) between calls (several exports, one model).
     """
     from chatbot.data import load_examples
     from chatbot.prompts import encode_example
 
+    reference = {} if reference is None else reference
     examples = [encode_example(chat.tokenizer, ex.history, ex.reply)
                 for ex in load_examples(data_dir, "test", limit, seed)]
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> float:
+        return -float(torch.log_softmax(logits, dim=-1).gather(1, target[:, None]).sum())
+
     systems = {}
     for system, adapter in (("base", False), ("tuned", True)):
         if adapter and not (chat.has_adapter and onnx.adapter is not None):
@@ -716,11 +723,13 @@ def served_perplexity(chat: ChatModel, onnx: OnnxModel, data_dir: str | None, li
             start = next(i for i, label in enumerate(example.labels) if label != -100)
             ids = example.input_ids
             target = torch.tensor(ids[start:])
-            with torch.inference_mode(), adapter_state(chat, adapter):
-                reference = chat.model(input_ids=torch.tensor([ids], device=chat.model.device)).logits[0].float().cpu()
-            for name, logits in (("transformers", reference[start - 1:-1]), ("served", _onnx_logits(onnx, ids, start, adapter))):
-                logprobs = torch.log_softmax(logits, dim=-1)
-                totals[name] -= float(logprobs.gather(1, target[:, None]).sum())
+            key = (tuple(ids), adapter)
+            if key not in reference:
+                with torch.inference_mode(), adapter_state(chat, adapter):
+                    logits = chat.model(input_ids=torch.tensor([ids], device=chat.model.device)).logits[0].float().cpu()
+                reference[key] = loss(logits[start - 1:-1], target)
+            totals["transformers"] += reference[key]
+            totals["served"] += loss(_onnx_logits(onnx, ids, start, adapter), target)
             tokens += len(target)
         ppl = {name: math.exp(total / tokens) for name, total in totals.items()}
         systems[system] = {"transformers": round(ppl["transformers"], 4), "served": round(ppl["served"], 4),

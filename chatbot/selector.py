@@ -11,7 +11,6 @@ and selector and cached, so scoring a message embeds only the dialogue and its g
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -200,7 +199,7 @@ def tune_selector(embedder: Embedder, pairs: Sequence[tuple[str, str]], tuning: 
     from tqdm.auto import tqdm
 
     set_seed(seed)
-    model = copy.deepcopy(trainable(embedder))
+    model = trainable(embedder)
     inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
     starts = range(0, len(pairs), tuning.batch_size)  # one optimizer step per batch

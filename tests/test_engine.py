@@ -388,11 +388,15 @@ def test_prefix_cache_keeps_the_most_recently_used():
 
 
 @pytest.mark.integration
-def test_onnx_served_perplexity_matches_transformers(shipped, onnx, real_data):
-    result = engine.served_perplexity(shipped, onnx, str(real_data), limit=5)
+def test_onnx_served_perplexity_matches_transformers(shipped, onnx, real_data, monkeypatch):
+    reference: dict = {}
+    result = engine.served_perplexity(shipped, onnx, str(real_data), limit=5, reference=reference)
     for system in ("base", "tuned"):
         assert abs(result["systems"][system]["delta_pct"]) < 0.1
     assert result["systems"]["tuned"]["transformers"] < result["systems"]["base"]["transformers"]
+    # A second export scored against the same reference reuses transformers' losses instead of running it again.
+    monkeypatch.setattr(type(shipped), "model", property(lambda self: pytest.fail("transformers ran again")))
+    assert engine.served_perplexity(shipped, onnx, str(real_data), limit=5, reference=reference) == result
 
 
 @pytest.mark.integration

@@ -10,7 +10,6 @@ writes assets/safety/ (weights and the adapter in classifier.npz, everything els
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -215,7 +214,7 @@ def tune_encoder(embedder: Embedder, texts: list[str], is_crisis: np.ndarray, tu
     from tqdm.auto import trange
 
     set_seed(seed)
-    model = copy.deepcopy(trainable(embedder))
+    model = trainable(embedder)
     inject_adapter_in_model(LoraConfig(**tuning.lora, lora_dropout=0.1), model[0].auto_model)  # peft's low-level API: adapter layers, no wrapper
     head = torch.nn.Linear(model.get_embedding_dimension(), 1).to(model.device)
     optimizer = torch.optim.AdamW([{"params": [p for p in model.parameters() if p.requires_grad], "lr": tuning.lr},
