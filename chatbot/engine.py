@@ -8,12 +8,13 @@ KV cache.
 * `TorchBackend` runs the transformers model (any base model, GPU, peft LoRA with per-row adapters).
 * `OrtBackend` runs an ONNX export of the same model (onnxruntime-genai's model builder, `export_onnx`, cached
   with a manifest) on an onnxruntime session, the KV cache bound in place. The LoRA adapter becomes a run-time
-  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per call.
-  onnxruntime-genai's own generator loop was the engine before: it cannot share one prompt's cache between rows
-  (a message's candidates read their prompt once per row) nor reuse a system turn read before; here every
+  adapter: its weights are graph inputs whose default is zero (adapter off = base model), bound per call, and a
+  per-row scale of the LoRA update lets base and tuned rows (Compare) step in one batch. onnxruntime-genai's own
+  generator loop was the engine before: it cannot share one prompt's cache between rows (a message's candidates
+  read their prompt once per row), reuse a system turn read before, or mix adapters in a batch; here every
   distinct (prompt, adapter) is read once (the system turn from `PrefixCache`) and its cache copied to its rows,
-  rows of one adapter state step as one batch, and Compare's base and tuned batches step side by side in
-  threads. Session calls release the GIL, so users are served concurrently, not behind one lock.
+  and all of a request's rows step as one batch. Session calls release the GIL, so users are served
+  concurrently, not behind one lock.
 
 Beam search and prompt-tuning adapters stay on `model.generate` (see chatbot.bot).
 """
@@ -30,8 +31,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -58,7 +58,9 @@ from chatbot.runtime import DEFAULT_SEED, atomic_folder, cache_dir, cpu_threads,
 logger = logging.getLogger(__name__)
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
-EXPORT_FORMAT_VERSION = 2  # bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head)
+# Bump when the export's layout changes: older cached exports are rebuilt (2: pruned LM head; 3: per-row LoRA scale).
+EXPORT_FORMAT_VERSION = 3
+ROW_SCALE = "lora_row_scale"  # graph input [batch, 1, 1]: each row's share of the LoRA update (1 tuned, 0 base)
 MANIFEST_FILE = "manifest.json"
 ADAPTER_FILE = "adapter.onnx_adapter"
 PRECISIONS = ("fp32", "int8", "int4")
@@ -318,36 +320,43 @@ class OnnxModel:
     vocab: int  # logits per position
     prefixes: PrefixCache = field(default_factory=PrefixCache)
 
-    def decode(self, prompts: Sequence[Sequence[int]], adapter: bool, max_new_tokens: int) -> KvDecode:
-        """A decode of one row per prompt, adapter on or off, with room for `max_new_tokens` new tokens each."""
-        return KvDecode(self, [tuple(p) for p in prompts], adapter, max_new_tokens)
+    def decode(self, rows: Sequence[tuple[Sequence[int], bool]], max_new_tokens: int) -> KvDecode:
+        """A decode of (prompt, adapter on) rows with room for `max_new_tokens` new tokens each."""
+        return KvDecode(self, [(tuple(prompt), adapter) for prompt, adapter in rows], max_new_tokens)
 
 
 class KvDecode:
-    """Rows of one adapter state decoded as one batch over one preallocated KV cache, whatever their prompts.
+    """Rows decoded as one batch over one preallocated KV cache, whatever their prompts and adapter states.
 
-    Each distinct prompt is read once at batch 1 (its system turn from the prefix cache) and its cache copied to
-    its rows, so a message's candidates read their prompt once. Rows are right-padded: the attention mask marks
-    each row's own length and the builder's attention writes a row's next position there. The cache is bound as
-    both the graph's past and present, so a step copies nothing.
+    Each distinct (prompt, adapter) is read once at batch 1 (its system turn from the prefix cache) and its cache
+    copied to its rows, so a message's candidates read their prompt once. Rows are right-padded: the attention
+    mask marks each row's own length and the builder's attention writes a row's next position there. The cache
+    is bound as both the graph's past and present, so a step copies nothing; base and tuned rows share a step
+    through the export's per-row LoRA scale.
     """
 
-    def __init__(self, onnx: OnnxModel, prompts: Sequence[tuple[int, ...]], adapter: bool, max_new_tokens: int):
+    def __init__(self, onnx: OnnxModel, rows: Sequence[tuple[tuple[int, ...], bool]], max_new_tokens: int):
         """Set up; no model call happens yet."""
-        self.onnx, self.prompts, self.adapter = onnx, list(prompts), adapter and onnx.adapter is not None
-        self.width = max(len(prompt) for prompt in self.prompts) + max_new_tokens + 1
-        self.lengths = np.array([len(prompt) for prompt in self.prompts])  # positions in each row's cache so far
+        self.onnx = onnx
+        self.keys = [(prompt, adapter and onnx.adapter is not None) for prompt, adapter in rows]
+        self.width = max(len(prompt) for prompt, _ in self.keys) + max_new_tokens + 1
+        self.lengths = np.array([len(prompt) for prompt, _ in self.keys])  # positions in each row's cache so far
         self.binding = onnx.session.io_binding()
 
-    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray]) -> np.ndarray:
-        """Bind `cache` (as past and present), the adapter if on, and a logits array of ours, which is returned."""
+    def _bind(self, binding: ort.IOBinding, cache: list[np.ndarray], adapters: list[bool]) -> np.ndarray:
+        """Bind `cache` (as past and present), the adapter for the rows that have it on, and a logits array of
+        ours, which is returned."""
         for name, array in zip(self.onnx.past_names, cache):
             value = ort.OrtValue.ortvalue_from_numpy(array)
             binding.bind_ortvalue_input(name, value)
             binding.bind_ortvalue_output(name.replace("past_key_values", "present"), value)
-        if self.adapter:
+        if any(adapters):
             for name, value in self.onnx.adapter.items():
                 binding.bind_ortvalue_input(name, value)
+            if not all(adapters):  # a mixed batch: base rows take none of the update
+                # Kept on self: the binding does not keep the value's memory alive.
+                self.row_scale = ort.OrtValue.ortvalue_from_numpy(np.array(adapters, dtype=np.float32)[:, None, None])
+                binding.bind_ortvalue_input(ROW_SCALE, self.row_scale)
         # The logits land in an array of ours: reading them back through the binding wraps every output each step.
         logits = np.empty((cache[0].shape[0], 1, self.onnx.vocab), dtype=np.float32)
         binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(logits))
@@ -361,15 +370,15 @@ class KvDecode:
         self.onnx.session.run_with_iobinding(binding)  # releases the GIL: other requests run meanwhile
         return logits[:, 0].copy()  # a copy: the next call writes the same array
 
-    def _read(self, prompt: tuple[int, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def _read(self, prompt: tuple[int, ...], adapter: bool) -> tuple[np.ndarray, list[np.ndarray]]:
         """One prompt at batch 1 (its system turn from the prefix cache when seen before): logits and cache."""
         shape = (1, self.onnx.kv_shape[0], self.width, self.onnx.kv_shape[1])
         cache = [np.zeros(shape, dtype=np.float32) for _ in self.onnx.past_names]
         binding = self.onnx.session.io_binding()
-        logits = self._bind(binding, cache)
+        logits = self._bind(binding, cache, [adapter])
         end = self.onnx.prefix_end
         cut = prompt.index(end) + 1 if end in prompt[:-1] else 0
-        key = (self.adapter, prompt[:cut])
+        key = (adapter, prompt[:cut])
         cached = self.onnx.prefixes.get(key) if cut else None
         if cached is None and cut:
             self._run(binding, logits, np.array([prompt[:cut]]), np.array([cut]))
@@ -380,15 +389,15 @@ class KvDecode:
         return self._run(binding, logits, np.array([prompt[cut:]]), np.array([len(prompt)])), cache
 
     def prefill(self) -> np.ndarray:
-        """Read every distinct prompt once; logits [rows, vocab]."""
-        reads = {prompt: self._read(prompt) for prompt in dict.fromkeys(self.prompts)}
-        if len(self.prompts) == 1:  # one row: its read's cache as it is
-            self.cache = reads[self.prompts[0]][1]
+        """Read every distinct (prompt, adapter) once; logits [rows, vocab]."""
+        reads = {key: self._read(*key) for key in dict.fromkeys(self.keys)}
+        if len(self.keys) == 1:  # one row: its read's cache as it is
+            self.cache = reads[self.keys[0]][1]
         else:
-            self.cache = [np.concatenate([reads[p][1][i] for p in self.prompts]) for i in range(len(self.onnx.past_names))]
-        self.out = self._bind(self.binding, self.cache)
-        self.batch = list(range(len(self.prompts)))  # the rows still in the batch, in batch order
-        return np.concatenate([reads[p][0] for p in self.prompts])
+            self.cache = [np.concatenate([reads[key][1][i] for key in self.keys]) for i in range(len(self.onnx.past_names))]
+        self.out = self._bind(self.binding, self.cache, [adapter for _, adapter in self.keys])
+        self.batch = list(range(len(self.keys)))  # the rows still in the batch, in batch order
+        return np.concatenate([reads[key][0] for key in self.keys])
 
     def _narrow(self, live: list[int]) -> None:
         """Decode only the `live` rows from now on (a copy of their cache, bound afresh)."""
@@ -396,7 +405,7 @@ class KvDecode:
         self.cache = [array[keep] for array in self.cache]
         self.lengths, self.batch = self.lengths[keep], live
         self.binding = self.onnx.session.io_binding()
-        self.out = self._bind(self.binding, self.cache)
+        self.out = self._bind(self.binding, self.cache, [self.keys[row][1] for row in live])
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> np.ndarray:
         """Feed one token per row; logits [rows, vocab] after it (zeros for rows no longer in the batch).
@@ -405,62 +414,39 @@ class KvDecode:
         """
         live = [row for row in self.batch if active[row]]
         if not live:
-            return np.zeros((len(self.prompts), self.onnx.vocab), dtype=np.float32)
+            return np.zeros((len(self.keys), self.onnx.vocab), dtype=np.float32)
         # Once half the batch has finished, the rest go on without it (Compare's longer reply, a last candidate):
         # a step then reads less, for one copy of the cache.
         if len(live) <= len(self.batch) // 2:
             self._narrow(live)
         self.lengths += 1
         logits = self._run(self.binding, self.out, np.array([tokens[row] for row in self.batch])[:, None], self.lengths)
-        if len(self.batch) == len(self.prompts):
+        if len(self.batch) == len(self.keys):
             return logits
-        out = np.zeros((len(self.prompts), logits.shape[1]), dtype=np.float32)
+        out = np.zeros((len(self.keys), logits.shape[1]), dtype=np.float32)
         out[self.batch] = logits
         return out
 
 
 class OrtBackend:
-    """The ONNX export on onnxruntime: one `KvDecode` batch per adapter state, the two stepped side by side."""
+    """The ONNX export on onnxruntime: every row of a request in one `KvDecode` batch."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx: OnnxModel, rows: Sequence[Row], max_new_tokens: int):
-        """Group the rows by adapter state (the LoRA inputs are bound per session call); no model call yet."""
-        groups: dict[bool, list[int]] = {}
-        for i, row in enumerate(rows):
-            groups.setdefault(row.adapter, []).append(i)
-        self.groups = list(groups.values())
-        self.decodes = [onnx.decode([rows[i].prompt for i in members], adapter, max_new_tokens)
-                        for adapter, members in groups.items()]
-        self.rows = len(rows)
-        self.pool = ThreadPoolExecutor(len(self.groups)) if len(self.groups) > 1 else None
-
-    def _map(self, fn: Callable[..., np.ndarray], *args: Sequence) -> torch.Tensor:
-        """`fn` for every group (in parallel when there are two: session calls release the GIL), in row order."""
-        parts = list(self.pool.map(fn, *args)) if self.pool else [fn(*a) for a in zip(*args)]
-        if len(parts) == 1:  # the rows are the group's, in order
-            return torch.from_numpy(parts[0])
-        logits = np.empty((self.rows, parts[0].shape[-1]), dtype=np.float32)
-        for members, part in zip(self.groups, parts):
-            logits[members] = part
-        return torch.from_numpy(logits)
+        """Set up the batch; no model call yet."""
+        self.decode = onnx.decode([(row.prompt, row.adapter) for row in rows], max_new_tokens)
 
     def prefill(self) -> torch.Tensor:
         """Read every distinct prompt once (rows with the same prompt and adapter share it)."""
-        return self._map(KvDecode.prefill, self.decodes)
+        return torch.from_numpy(self.decode.prefill())
 
     def step(self, tokens: Sequence[int], active: Sequence[bool]) -> torch.Tensor:
-        """One token per row; finished rows leave their batch once they are half of it, a finished batch stops."""
-
-        def advance(decode: KvDecode, members: list[int]) -> np.ndarray:
-            return decode.step([tokens[m] for m in members], [active[m] for m in members])
-
-        return self._map(advance, self.decodes, self.groups)
+        """One token per row; finished rows leave the batch once they are half of it."""
+        return torch.from_numpy(self.decode.step(tokens, active))
 
     def close(self) -> None:
-        """Free the worker threads."""
-        if self.pool is not None:
-            self.pool.shutdown(wait=False)
+        """Nothing to release: the cache goes with the object."""
 
 
 def decoder_supports(chat: ChatModel, settings: GenerationSettings) -> bool:
@@ -571,6 +557,22 @@ def _runtime_adapter(model_dir: Path) -> None:
             graph.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     if not weights:
         raise ExportError("the exported graph has no LoRA weights to turn into a run-time adapter")
+    # Each LoRA update (the builder adds it to the projection: ".../lora/Add") is scaled per row, so base and tuned
+    # rows decode in one batch; the input's default of 1 leaves a batch that is all one kind as it was.
+    graph.graph.input.append(helper.make_tensor_value_info(ROW_SCALE, onnx.TensorProto.FLOAT, ["batch_size", 1, 1]))
+    graph.graph.initializer.append(numpy_helper.from_array(np.ones((1, 1, 1), dtype=np.float32), ROW_SCALE))
+    nodes = []
+    for node in graph.graph.node:
+        if node.op_type == "Add" and node.name.endswith("/lora/Add"):
+            update = next(i for i, name in enumerate(node.input) if "lora_B" in name)
+            scaled = f"{node.input[update]}/row_scaled"
+            nodes.append(helper.make_node("Mul", [node.input[update], ROW_SCALE], [scaled], name=f"{node.name}/RowScale"))
+            node.input[update] = scaled
+        nodes.append(node)
+    if sum(node.op_type == "Mul" and node.name.endswith("/RowScale") for node in nodes) != len(weights) // 2:
+        raise ExportError("the exported graph's LoRA updates are not where the per-row scale expects them")
+    graph.graph.ClearField("node")
+    graph.graph.node.extend(nodes)
     for path in model_dir.glob("model.onnx*"):
         path.unlink()
     onnx.save(graph, str(graph_path), save_as_external_data=True, location="model.onnx.data")
@@ -689,7 +691,7 @@ def _onnx_logits(onnx: OnnxModel, ids: Sequence[int], start: int, adapter: bool)
 
     The prompt ids[:start] in one call, then one token per call: the export's LM head scores the last position only.
     """
-    decode = onnx.decode([ids[:start]], adapter, len(ids) - start)
+    decode = onnx.decode([(ids[:start], adapter)], len(ids) - start)
     rows = [decode.prefill()] + [decode.step([token], [True]) for token in ids[start:-1]]
     return torch.from_numpy(np.concatenate(rows))
 

@@ -275,7 +275,7 @@ def test_other_threads_run_while_the_engine_reads_a_prompt(shipped, onnx):
 
     import numpy as np
 
-    # Four different prompts: four groups, four prompt reads side by side, each a session call.
+    # Four different prompts: four prompt reads, each a session call.
     prompts = [encode(shipped, f"My dog {i} died today. " * 60)[:1200] for i in range(4)]
     backend = OrtBackend(onnx, [Row(tuple(p), False, False) for p in prompts], 1)
     ticks, stop = [], threading.Event()
@@ -321,9 +321,9 @@ def test_requests_served_side_by_side_get_the_replies_they_get_alone(shipped, on
 
 @pytest.mark.integration
 @pytest.mark.parametrize("adapters", [[True, True], [False, True]])
-def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_they_get_alone(shipped, onnx, session_calls,
+def test_rows_of_different_prompts_and_adapters_share_one_batch_and_get_the_tokens_they_get_alone(shipped, onnx, session_calls,
                                                                                           adapters):
-    """One adapter state: one batch (right-padded rows) until one ends; Compare's base and tuned: a batch each."""
+    """One batch (right-padded rows) until one ends, whatever the adapter states (Compare's base and tuned too)."""
     bot = EmpatheticChatbot(shipped)
     prompts = [encode(shipped, bot.prompt_for(m, [], [], None).text) for m in ("My dog died today. I am so sad.", "Thanks.")]
     settings = GREEDY.updated(max_new_tokens=20)
@@ -332,10 +332,7 @@ def test_rows_of_different_prompts_batch_by_adapter_state_and_get_the_tokens_the
     # Each step after the first feeds the previous token; the reply that ends first stops taking steps.
     shorter, longer = sorted(len(t) for t in together)
     assert 1 < shorter < longer
-    if adapters == [True, True]:
-        assert steps == sorted([2] * (shorter - 1) + [1] * (longer - shorter))
-    else:
-        assert steps == [1] * (shorter - 1 + longer - 1)
+    assert steps == sorted([2] * (shorter - 1) + [1] * (longer - shorter))
     assert [loop_tokens(shipped, [p], settings, [a], backend=lambda r: OrtBackend(onnx, r, 20))[0]
             for p, a in zip(prompts, adapters)] == together
 
@@ -368,11 +365,11 @@ def test_a_system_turn_read_before_comes_from_the_prefix_cache_with_the_same_log
     cached = dataclasses.replace(onnx, prefixes=engine.PrefixCache())
     uncached = dataclasses.replace(onnx, prefixes=engine.PrefixCache(size=0))
     for adapter in (False, True):
-        cached.decode([first], adapter, 1).prefill()
+        cached.decode([(first, adapter)], 1).prefill()
         session_calls.clear()
-        hit = cached.decode([second], adapter, 1).prefill()
+        hit = cached.decode([(second, adapter)], 1).prefill()
         assert session_calls == [(1, len(second) - cut)]  # only what follows the system turn
-        fresh = uncached.decode([second], adapter, 1).prefill()
+        fresh = uncached.decode([(second, adapter)], 1).prefill()
         assert np.abs(hit - fresh).max() < 1e-3
         assert hit.argmax() == fresh.argmax()
     assert len(cached.prefixes.entries) == 2 and not uncached.prefixes.entries  # one system turn per adapter state
@@ -476,7 +473,7 @@ def test_quantized_export_serves_the_adapter_from_fp32_lora_inputs(shipped, onnx
     defaults = {i.name: i.type for i in quantized.session.get_overridable_initializers()}  # inputs with a default
     assert all(defaults[name] == value.data_type() == "tensor(float)" for name, value in quantized.adapter.items())
     prompt = encode(shipped, EmpatheticChatbot(shipped).prompt_for("I lost my job today.", [], [], None).text)
-    base, tuned = (quantized.decode([prompt], adapter, 1).prefill() for adapter in (False, True))
+    base, tuned = (quantized.decode([(prompt, adapter)], 1).prefill() for adapter in (False, True))
     assert not (base == tuned).all()  # the LoRA inputs still change the logits
 
 
