@@ -32,10 +32,12 @@ from chatbot.runtime import DEFAULT_SEED, default_index_dir, set_seed
 from chatbot.selector import (
     SELECTOR_DIR,
     ResponseSelector,
+    SelectorLoadError,
     SelectorTuning,
     candidate_sets,
     cross_encoder_trial,
     precision_at_1,
+    read_selector,
     tune_selector,
 )
 
@@ -51,6 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--index-dir", default=None, help="train-split retrieval index (default: $ED_INDEX_DIR or data/index/)")
     p.add_argument("--out", default=str(SELECTOR_DIR), help="folder to write selector.npz and manifest.json")
     p.add_argument("--pairs", type=int, default=0, help="train on a seeded random subset of N dialogues (0 = all)")
+    p.add_argument("--init", default=None,
+                   help="a saved selector folder whose adapter is the starting point (another pass; same --rank)")
     p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank on every linear layer of MiniLM")
     p.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate of the LoRA weights")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -111,18 +115,24 @@ def main(argv: list[str] | None = None) -> int:
         valid = examples_of(load_conversations(args.data_dir, "valid"))
         test = examples_of(load_conversations(args.data_dir, "test"))
         checksum = data_checksum(args.data_dir, ["train"])
-    except (DataError, IndexLoadError) as err:
+        tuning = SelectorTuning(rank=args.rank, lr=args.lr, batch_size=args.batch_size, scale=args.scale,
+                                lr_decay=args.lr_decay)
+        init_manifest, initial = read_selector(Path(args.init)) if args.init else ({}, None)
+        if initial is not None and init_manifest["encoder_adapter"]["lora"] != tuning.lora:
+            raise SelectorLoadError(f"--init {args.init} is a {init_manifest['encoder_adapter']['lora']} adapter, "
+                                    f"not {tuning.lora}: give the same --rank")
+    except (DataError, IndexLoadError, SelectorLoadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    tuning = SelectorTuning(rank=args.rank, lr=args.lr, batch_size=args.batch_size, scale=args.scale,
-                            lr_decay=args.lr_decay)
     pairs = [(query_text(ex.history), ex.reply) for ex in train]
     valid_contexts, valid_sets = ranking_task(sample(valid, args.valid_examples, args.seed), valid, args.candidates, args.seed)
     _, weights, log = tune_selector(
-        embedder, pairs, tuning, args.seed, every=args.eval_every,
+        embedder, pairs, tuning, args.seed, every=args.eval_every, initial=initial,
         evaluate=lambda model: round(precision_at_1(ResponseSelector(model).score_many(valid_contexts, valid_sets)), 2))
     metrics: dict = {"valid_p_at_1_by_checkpoint": log}
     extra = {"arguments": vars(args), "tuning": asdict(tuning), "train_dialogues": len(train),
+             **({"initial_adapter": {k: init_manifest.get(k) for k in ("trained_at", "tuning", "encoder_adapter")}}
+                if initial is not None else {}),
              "data_checksum_train": checksum, "trained_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     out = Path(args.out)
     ResponseSelector(embedder).save(out, tuning.lora, weights, {**extra, "metrics": metrics})

@@ -144,25 +144,31 @@ class ResponseSelector:
     @classmethod
     def load(cls, path: Path, embedder: Embedder, embedder_name: str = EMBEDDER_NAME) -> ResponseSelector:
         """The saved adapter merged into a copy of `embedder`; SelectorLoadError says what is missing or does not fit."""
-        try:
-            manifest, weights = read_head(path, WEIGHTS_FILE)
-            adapter = manifest["encoder_adapter"]
-        except (OSError, ValueError, KeyError) as err:
-            raise SelectorLoadError(f"Cannot read the response selector at {path}: {err}. "
-                                    "Train it: python train_selector.py") from err
-        problems = [f"{key} {manifest.get(key)!r} != {value!r}" for key, value in _expected_manifest(embedder_name).items()
-                    if manifest.get(key) != value]
-        if adapter_digest(weights) != adapter.get("sha256"):
-            problems.append("the adapter's weights do not match the manifest's checksum")
-        if problems:
-            raise SelectorLoadError(f"Response selector {path} does not fit: {'; '.join(problems)}. "
-                                    "Retrain: python train_selector.py")
-        weights = {name: value.astype(np.float32) for name, value in weights.items()}
+        manifest, weights = read_selector(path, embedder_name)
+        adapter = manifest["encoder_adapter"]
         try:
             encoder = adapted_embedder(embedder, adapter["lora"], weights, adapter["sha256"])
         except ValueError as err:
             raise SelectorLoadError(f"Response selector {path} does not fit the embedder: {err}") from err
         return cls(encoder, manifest)
+
+
+def read_selector(path: Path, embedder_name: str = EMBEDDER_NAME) -> tuple[dict, dict[str, np.ndarray]]:
+    """A saved selector's manifest and float32 adapter weights, checked; SelectorLoadError says what does not fit."""
+    try:
+        manifest, weights = read_head(path, WEIGHTS_FILE)
+        adapter = manifest["encoder_adapter"]
+    except (OSError, ValueError, KeyError) as err:
+        raise SelectorLoadError(f"Cannot read the response selector at {path}: {err}. "
+                                "Train it: python train_selector.py") from err
+    problems = [f"{key} {manifest.get(key)!r} != {value!r}" for key, value in _expected_manifest(embedder_name).items()
+                if manifest.get(key) != value]
+    if adapter_digest(weights) != adapter.get("sha256"):
+        problems.append("the adapter's weights do not match the manifest's checksum")
+    if problems:
+        raise SelectorLoadError(f"Response selector {path} does not fit: {'; '.join(problems)}. "
+                                "Retrain: python train_selector.py")
+    return manifest, {name: value.astype(np.float32) for name, value in weights.items()}
 
 
 def _expected_manifest(embedder_name: str = EMBEDDER_NAME) -> dict:
@@ -182,12 +188,13 @@ def load_response_selector(embedder: Embedder, path: Path = SELECTOR_DIR) -> Res
 
 def tune_selector(embedder: Embedder, pairs: Sequence[tuple[str, str]], tuning: SelectorTuning,
                   seed: int = DEFAULT_SEED, evaluate: Callable[[SentenceTransformer], float] | None = None,
-                  every: int = 0, progress: bool = True,
+                  every: int = 0, progress: bool = True, initial: dict[str, np.ndarray] | None = None,
                   ) -> tuple[SentenceTransformer, dict[str, np.ndarray], list[dict]]:
     """Train a LoRA adapter on a copy of `embedder` over (dialogue, reply) pairs, one pass in seeded order.
 
     In-batch negatives with sentence-transformers' MultipleNegativesRankingLoss, both directions (each dialogue
-    picks its reply among the batch's replies and each reply its dialogue). With `evaluate` (the encoder ->
+    picks its reply among the batch's replies and each reply its dialogue). `initial`: adapter weights to start
+    from (a saved selector's, for another pass) instead of peft's fresh LoRA. With `evaluate` (the encoder ->
     higher is better, e.g. P@1,N on valid) the model is scored before training and every `every` pairs, and the
     adapter of the best score is returned. Returns the tuned encoder (adapter not merged), the kept adapter's
     weights and a log.
@@ -201,6 +208,13 @@ def tune_selector(embedder: Embedder, pairs: Sequence[tuple[str, str]], tuning: 
     set_seed(seed)
     model = trainable(embedder)
     inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
+    if initial is not None:
+        try:
+            loaded = set_peft_model_state_dict(model[0].auto_model, {k: torch.from_numpy(v) for k, v in initial.items()})
+        except RuntimeError as err:  # a weight of another shape (rank)
+            raise ValueError(f"the initial adapter does not fit {tuning.lora}: {err}") from err
+        if loaded.unexpected_keys:
+            raise ValueError(f"the initial adapter does not fit {tuning.lora}: {loaded.unexpected_keys[:3]}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
     starts = range(0, len(pairs), tuning.batch_size)  # one optimizer step per batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(starts) if tuning.lr_decay else 1.0)

@@ -17,6 +17,7 @@ from chatbot.selector import (
     candidate_sets,
     load_response_selector,
     precision_at_1,
+    read_selector,
     tune_selector,
 )
 
@@ -67,6 +68,18 @@ def test_validation_keeps_the_best_checkpoint(embedder):
     _, _, log = tune_selector(embedder, PAIRS * 3, replace(TINY, lr_decay=False), seed=0, evaluate=evaluate, every=8,
                               progress=False)
     assert [e["lr"] for e in log] == pytest.approx([TINY.lr] * 4)
+
+
+def test_another_pass_starts_from_the_saved_adapter(embedder, tuned, tmp_path):
+    model, weights, _ = tuned
+    ResponseSelector(embedder).save(tmp_path / "sel", TINY.lora, weights)
+    _, initial = read_selector(tmp_path / "sel")
+    scores = []
+    _, _, log = tune_selector(embedder, PAIRS, replace(TINY, lr=0.0), seed=0, progress=False, initial=initial,
+                              evaluate=lambda m: scores.append(ranking(ResponseSelector(m))) or scores[-1])
+    assert scores[0] == 100.0  # before any step: the saved adapter's ranking, not a fresh LoRA's
+    with pytest.raises(ValueError, match="does not fit"):
+        tune_selector(embedder, PAIRS, replace(TINY, rank=8), seed=0, progress=False, initial=initial)
 
 
 def test_untuned_selector_scores_are_minilm_cosines(embedder):
@@ -178,6 +191,13 @@ def test_train_selector_script_end_to_end(synthetic_data, synthetic_index, tmp_p
     assert manifest["tuning"]["rank"] == 2 and manifest["arguments"]["eval_every"] == 2
     assert "train_seconds" in manifest and "test, 3 dialogues" in capsys.readouterr().out
     assert ResponseSelector.load(out, script.load_embedder()).manifest["train_dialogues"] == trained
+    again = tmp_path / "again"
+    common = ["--data-dir", str(synthetic_data), "--index-dir", str(synthetic_index), "--batch-size", "2",
+              "--candidates", "3", "--valid-examples", "2", "--test-examples", "3", "--init", str(out)]
+    assert script.main([*common, "--out", str(again), "--rank", "2"]) == 0
+    assert json.loads((again / "manifest.json").read_text())["initial_adapter"]["encoder_adapter"] == manifest["encoder_adapter"]
+    assert script.main([*common, "--out", str(tmp_path / "other"), "--rank", "4"]) == 2  # another rank: refused
+    assert "give the same --rank" in capsys.readouterr().err
 
 
 @pytest.mark.integration
