@@ -179,15 +179,27 @@ def trainable(model: Embedder) -> SentenceTransformer:
     return sentence_transformer(model.source, "cpu") if isinstance(model, OnnxEncoder) else copy.deepcopy(model)
 
 
+def with_lora(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray] | None = None) -> torch.nn.Module:
+    """Add a peft LoRA adapter (`lora`: LoraConfig arguments) to `model`'s transformer, in place, and load `weights`
+    (its state dict) when given; returns the transformer. ValueError when the weights do not fit."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    transformer = inject_adapter_in_model(LoraConfig(**lora), model[0].auto_model)  # peft's low-level API: no wrapper
+    if weights is not None:
+        try:
+            loaded = set_peft_model_state_dict(transformer, {name: torch.from_numpy(v) for name, v in weights.items()})
+        except RuntimeError as err:  # a weight of another shape (rank)
+            raise ValueError(f"the adapter does not fit {lora}: {err}") from err
+        if loaded.unexpected_keys or any("lora_" in name for name in loaded.missing_keys):
+            raise ValueError(f"the adapter does not fit {lora} ({loaded.unexpected_keys[:2]})")
+    return transformer
+
+
 def _merged(model: SentenceTransformer, lora: dict, weights: dict[str, np.ndarray]) -> SentenceTransformer:
     """`model` with a peft LoRA adapter (its arguments and state dict) merged into its transformer, in place."""
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
     from peft.tuners.lora import LoraLayer
 
-    transformer = inject_adapter_in_model(LoraConfig(**lora), model[0].auto_model)
-    loaded = set_peft_model_state_dict(transformer, {name: torch.from_numpy(value) for name, value in weights.items()})
-    if loaded.unexpected_keys or any("lora_" in name for name in loaded.missing_keys):
-        raise ValueError(f"the adapter's weights do not fit the embedder ({loaded.unexpected_keys[:2]})")
+    transformer = with_lora(model, lora, weights)
     for layer in transformer.modules():
         if isinstance(layer, LoraLayer):
             layer.merge()  # one matrix per layer again: the export and every call cost what the base model's do

@@ -33,6 +33,7 @@ from chatbot.embeddings import (
     read_head,
     save_head,
     trainable,
+    with_lora,
 )
 from chatbot.retriever import QUERY_TURNS, RetrievedDialogue, Retriever
 from chatbot.runtime import ASSETS_DIR, DEFAULT_SEED, cache_dir, set_seed
@@ -200,21 +201,14 @@ def tune_selector(embedder: Embedder, pairs: Sequence[tuple[str, str]], tuning: 
     weights and a log.
     """
     import torch.nn.functional as F
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.util import batch_to_device
     from tqdm.auto import tqdm
 
     set_seed(seed)
     model = trainable(embedder)
-    inject_adapter_in_model(LoraConfig(**tuning.lora), model[0].auto_model)  # peft's low-level API: no wrapper
-    if initial is not None:
-        try:
-            loaded = set_peft_model_state_dict(model[0].auto_model, {k: torch.from_numpy(v) for k, v in initial.items()})
-        except RuntimeError as err:  # a weight of another shape (rank)
-            raise ValueError(f"the initial adapter does not fit {tuning.lora}: {err}") from err
-        if loaded.unexpected_keys:
-            raise ValueError(f"the initial adapter does not fit {tuning.lora}: {loaded.unexpected_keys[:3]}")
+    with_lora(model, tuning.lora, initial)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tuning.lr)
     starts = range(0, len(pairs), tuning.batch_size)  # one optimizer step per batch
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(starts) if tuning.lr_decay else 1.0)
