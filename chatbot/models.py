@@ -163,11 +163,14 @@ def load_base_model(
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(
-            f"Cannot load base model {name!r} (from {source!r}): {err}. Use a local folder, one of "
-            f"{', '.join(HUB_IDS)} or a hub id (hub ids need internet)."
-        ) from err
+        raise base_model_error(name, source, err) from err
     return wrap_model(model, tokenizer, name, device)
+
+
+def base_model_error(name: str, source: str, err: Exception) -> ModelLoadError:
+    """The error for a base model (or its tokenizer) that cannot be loaded, with where it may come from."""
+    return ModelLoadError(f"Cannot load base model {name!r} (from {source!r}): {err}. Use a local folder, one of "
+                          f"{', '.join(HUB_IDS)} or a hub id (hub ids need internet).")
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str | None = None) -> ChatModel:
@@ -341,7 +344,7 @@ def load_chat_model(
     try:
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"Cannot load base model {base_model!r} (from {source!r}): {err}") from err
+        raise base_model_error(base_model, source, err) from err
     path = Path(adapter) if adapter else None
     meta = checked_adapter_meta(path, base_model) if path else {}
     return ChatModel(None, tokenizer, base_model, path, meta,
